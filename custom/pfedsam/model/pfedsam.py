@@ -26,7 +26,7 @@ Unit = tuple[str, Callable[[torch.Tensor], torch.Tensor], nn.Module | None]  # n
 
 
 def _encoder_units(encoder: nn.Module) -> tuple[list[Unit], Callable[[torch.Tensor], torch.Tensor]]:
-    """Split an image encoder into units plus the final neck function."""
+    """Split an image encoder into units plus the final neck function (tokens -> (B, C, h, w))."""
     if isinstance(encoder, ImageEncoderViT):
         def stem(x: torch.Tensor) -> torch.Tensor:
             x = encoder.patch_embed(x)
@@ -73,7 +73,8 @@ class PFedSAM(nn.Module):
         self.prompt = cfg.prompt
         self.use_experts = True
         rules: list[tuple[str, ParamKind]] = [("", ParamKind.FROZEN)]
-        self._units, self._neck = _encoder_units(self.image_encoder)
+        units, neck = _encoder_units(self.image_encoder)
+        self._units: list[Unit] = [*units, ("neck", neck, None)]
         blocks = [i for i, u in enumerate(self._units) if u[2] is not None]
         adapted: list[int] = []
 
@@ -123,7 +124,8 @@ class PFedSAM(nn.Module):
                     adapted.append(i)
             rules.append(("lmoe", ParamKind.LOCAL))
 
-        # Units before the first adapted one are frozen: their output can be cached.
+        # Units before the first adapted one are frozen: their output can be cached. With no
+        # adapter inside the encoder that is the whole encoder, neck included.
         self.prefix_units = min(adapted) if adapted else len(self._units)
         self.registry = ParameterRegistry(self, rules)
         self.registry.set_trainable(self, set())
@@ -139,6 +141,11 @@ class PFedSAM(nn.Module):
     @property
     def has_experts(self) -> bool:
         return len(self.lmoe) > 0
+
+    @property
+    def prefix_is_embedding(self) -> bool:
+        """True when the whole encoder is frozen: prefix features are the image embedding (B, C, h, w)."""
+        return self.prefix_units == len(self._units)
 
     # -- forward -----------------------------------------------------------------------------------------
     def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
@@ -158,7 +165,6 @@ class PFedSAM(nn.Module):
             key = str(i)
             if experts and key in self.lmoe:
                 x = self.lmoe[key](x)
-        x = self._neck(x)
         if experts and "neck" in self.lmoe:
             x = self.lmoe["neck"](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x

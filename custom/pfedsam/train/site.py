@@ -204,7 +204,7 @@ class SiteTrainer:
             feats = self._prefix(split, idx)
             masks = split.masks[idx].float()
             boxes = split.boxes[idx].clone()
-            if self.cfg.data.augment and feats.ndim == 4 and self.model.prefix_units == len(self.model._units):
+            if self.cfg.data.augment and self.model.prefix_is_embedding:
                 feats, masks, boxes = self._flip(feats, masks, boxes)
         else:  # image-space augmentation, full encoder pass every step
             samples = [split.dataset[i] for i in idx]
