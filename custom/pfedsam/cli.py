@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, dump_config, load_config
+from .config import ConfigError, config_table_markdown, dump_config, load_config
 
 
 def _load(args: argparse.Namespace) -> object:
@@ -42,7 +42,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(dump_config(_load(args)), end="")
+    if args.markdown:
+        print(config_table_markdown())
+    else:
+        print(dump_config(_load(args)), end="")
     return 0
 
 
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the full config (defaults + file + overrides) as YAML")
     with_config(p)
+    p.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("synth", help="write the deterministic SYNTHETIC multi-site data set")

@@ -381,3 +381,51 @@ def default_image_size(backbone: str) -> int:
 
 def resolved_image_size(cfg: PFedSAMConfig) -> int:
     return cfg.image_size or default_image_size(cfg.backbone)
+
+
+def _argument_docs(cls: type) -> dict[str, str]:
+    """Parse the ``Arguments:`` block of a config dataclass docstring into {key: text}."""
+    docs: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Arguments:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        head = stripped.split(" ", 1)[0]
+        if head in {f.name for f in dataclasses.fields(cls)} and "):" in stripped:
+            current = head
+            docs[current] = stripped.split("):", 1)[1].strip()
+        elif current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every config key, from the dataclass docstrings."""
+    rows: list[tuple[str, str, str]] = []
+    defaults = PFedSAMConfig()
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        docs = _argument_docs(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], value, f"{prefix}{f.name}.")
+            else:
+                shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+                shown = shown.removesuffix("\n...").removesuffix("...").strip()
+                rows.append((f"{prefix}{f.name}", shown, docs.get(f.name, "")))
+
+    walk(PFedSAMConfig, defaults, "")
+    return rows
+
+
+def config_table_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {text.replace('|', '/')} |" for k, d, text in config_reference()]
+    return "\n".join(lines)
