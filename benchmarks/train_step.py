@@ -57,7 +57,7 @@ def main() -> None:
         write_synthetic_sites(tmp / "data", sites=1, per_site=24, seed=0)
         base = [f"backbone={args.backbone}", f"train.batch_size={args.batch_size}", "train.device=cpu", *args.set]
         rows = {}
-        for cache in ("memory", "off"):
+        for cache in ("memory", "none"):
             rows[cache] = measure(base + [f"train.cache={cache}"], tmp / "data" / "site-1", args.steps,
                                   tmp / f"work-{cache}")
     result = {"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps,
@@ -69,7 +69,7 @@ def main() -> None:
           "| global phase s/step |")
     print("|---|---|---|")
     for cache, r in rows.items():
-        label = "prefix cache on" if cache != "off" else "no cache (full encoder every step)"
+        label = "prefix cache on" if cache != "none" else "no cache (full encoder every step)"
         print(f"| {label} | {r['local_s_per_step']:.3f} | {r['global_s_per_step']:.3f} |")
     if "cache_fill_s_per_image" in rows["memory"]:
         print(f"\none-off cache fill: {rows['memory']['cache_fill_s_per_image']:.3f} s per image")

@@ -76,7 +76,8 @@ class TrainConfig:
       kd_temperature (float): T of the distillation.
       balance_weight (float): lambda_bal of the L-MoE load-balancing loss.
       prox_mu (float): FedProx proximal weight on global parameters (0 = off).
-      cache (str): ``memory``, ``disk`` or ``off``: cache the frozen encoder prefix per image.
+      grad_clip (float): clip the gradient norm to this value (0 = no clipping).
+      cache (str): ``memory``, ``disk`` or ``none``: cache the frozen encoder prefix per image.
       cache_dir (str|None): folder of the disk cache (default: ``<workdir>/feature_cache``).
       device (str): ``auto``, ``cpu`` or ``cuda[:N]``.
       amp (bool): bf16 autocast on CUDA (ignored on CPU).
@@ -95,6 +96,7 @@ class TrainConfig:
     kd_temperature: float = 2.0
     balance_weight: float = 0.01
     prox_mu: float = 0.0
+    grad_clip: float = 1.0
     cache: str = "memory"
     cache_dir: str | None = None
     device: str = "auto"
@@ -210,7 +212,7 @@ _CHOICES = {
     "lmoe.routing": ("image", "token"),
     "lmoe.placement": ("neck", "blocks"),
     "train.schedule": ("decoupled", "joint"),
-    "train.cache": ("memory", "disk", "off"),
+    "train.cache": ("memory", "disk", "none"),
     "data.mask_convention": ("nonzero", "zero", "below_max"),
     "data.on_bad_file": ("error", "skip"),
     "federation.mode": ("pfedsam", "fedavg", "local"),
@@ -221,7 +223,7 @@ _CHOICES = {
 _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
     "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
-    "train.weight_decay", "train.num_threads", "data.max_train", "data.max_eval",
+    "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
     "federation.final_local_steps",
 )
 _POSITIVE = (
@@ -264,6 +266,11 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
         origin = getattr(typ, "__origin__", typ)
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool, dict, list) and isinstance(value, origin):

@@ -23,14 +23,14 @@ class FeatureCache:
     """Memory or disk cache of prefix features.
 
     Arguments:
-      mode (str): ``memory``, ``disk`` (also kept in memory once read) or ``off``.
+      mode (str): ``memory``, ``disk`` (also kept in memory once read) or ``none``.
       fingerprint (str): identifies the frozen weights and the prefix cut.
       directory (Path|None): folder of the disk cache (required for ``disk``).
     """
 
     def __init__(self, mode: str, fingerprint: str, directory: str | Path | None = None) -> None:
-        if mode not in ("memory", "disk", "off"):
-            raise ValueError(f"cache mode must be memory, disk or off, got {mode!r}")
+        if mode not in ("memory", "disk", "none"):
+            raise ValueError(f"cache mode must be memory, disk or none, got {mode!r}")
         if mode == "disk" and directory is None:
             raise ValueError("cache mode 'disk' needs a directory")
         self.mode = mode
@@ -42,7 +42,7 @@ class FeatureCache:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "off"
+        return self.mode != "none"
 
     def key(self, image: torch.Tensor) -> str:
         h = hashlib.sha1(self.fingerprint.encode())

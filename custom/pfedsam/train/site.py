@@ -267,6 +267,8 @@ class SiteTrainer:
                 parts = loss_fn(feats, masks, boxes)
             opt.zero_grad(set_to_none=True)
             parts["loss"].backward()
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
             opt.step()
             done += 1
             for k, v in parts.items():
