@@ -150,6 +150,12 @@ class FederationConfig:
       final_local_steps (int): extra local fine-tune steps before the final evaluation
         (``FedAvg + local fine-tune`` baseline); 0 = none.
       export_format (str): ``onnx`` or ``none``: what the final phase writes at each site.
+      wait_after_min_s (int): seconds the server still waits for late sites once ``min_clients``
+        results of a round (or of the final evaluation) are in.
+      task_timeout_s (int): seconds a site may take for one task before the server stops
+        waiting for it; 0 = no limit.
+      keep_round_states (bool): keep every round's global state at the server and, at each
+        site, what it sent and its L-MoE state per round (audits and tests; costs disk).
     """
 
     rounds: int = 3
@@ -158,6 +164,9 @@ class FederationConfig:
     compression: str = "none"
     final_local_steps: int = 0
     export_format: str = "onnx"
+    wait_after_min_s: int = 10
+    task_timeout_s: int = 0
+    keep_round_states: bool = False
 
 
 @dataclass
@@ -224,7 +233,7 @@ _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
     "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
-    "federation.final_local_steps",
+    "federation.final_local_steps", "federation.wait_after_min_s", "federation.task_timeout_s",
 )
 _POSITIVE = (
     "lora.rank", "lora.alpha", "lora.decoder_rank", "lmoe.top_k", "lmoe.hidden",
@@ -309,6 +318,8 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     for site, folder in cfg.data.sites.items():
         if not isinstance(folder, str) or not folder:
             raise ConfigError(f"{where}: 'data.sites.{site}' must be a folder name, got {folder!r}")
+    if cfg.federation.mode == "fedavg" and (cfg.lmoe.num_experts or cfg.train.kd_weight):
+        raise ConfigError(f"{where}: 'federation.mode: fedavg' needs 'lmoe.num_experts: 0' and 'train.kd_weight: 0'")
     if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
         raise ConfigError(
             f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"
