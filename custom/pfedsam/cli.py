@@ -89,6 +89,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    """Refresh jobs/pfedsam's code copy, or write a variant job folder."""
+    from .config import parse_override
+    from .jobs import VARIANTS, make_variant, sync_job
+
+    if args.action == "sync":
+        print(f"synced {sync_job(args.job)}")
+        return 0
+    if args.action == "list":
+        for name, override in VARIANTS.items():
+            print(f"{name:16s} {json.dumps(override)}")
+        return 0
+    extra: dict = {}
+    from .config import _merge
+
+    for text in args.set or []:
+        extra = _merge(extra, parse_override(text))
+    for name in args.variants:
+        print(f"wrote {make_variant(name, args.out, args.job, extra)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pfedsam", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -126,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, help="the site's data folder (overrides data.root)")
     p.add_argument("--out", type=Path, required=True, help="output folder (model, report, cache)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("job", help="FLARE job folders: sync the code copy, list or make variants")
+    p.add_argument("action", choices=["sync", "list", "make"])
+    p.add_argument("variants", nargs="*", help="variant names for 'make' (see 'pfedsam job list')")
+    p.add_argument("--job", type=Path, default=Path("jobs/pfedsam"), help="the main job folder")
+    p.add_argument("--out", type=Path, default=Path("build/jobs"), help="where 'make' writes job folders")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for 'make'")
+    p.set_defaults(func=cmd_job)
 
     try:
         from .export.cli import register

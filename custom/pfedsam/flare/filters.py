@@ -10,8 +10,9 @@ job's YAML), never the executor, so a bug in training code cannot widen what is 
 from __future__ import annotations
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
@@ -38,9 +39,18 @@ class GlobalOnlyFilter(DXOFilter):
         super().__init__(supported_data_kinds=_ALL_KINDS, data_kinds_to_filter=_ALL_KINDS)
         self.config_file = config_file
 
-    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
-        if dxo.data_kind != DataKind.WEIGHTS:
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        if shareable.get_return_code() != ReturnCode.OK:
+            return shareable  # an error reply carries no data
+        try:
+            dxo = from_shareable(shareable)
+        except Exception:
+            raise LeakBlocked("blocked a result that is not a DXO: only global WEIGHTS may leave this site") from None
+        if dxo.data_kind != DataKind.WEIGHTS:  # checked here: DXOFilter would recurse into collections
             raise LeakBlocked(f"blocked a {dxo.data_kind} result: only global WEIGHTS may leave this site")
+        return super().process(shareable, fl_ctx)
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         allowed = model_facts(fl_ctx, self.config_file).global_names
         foreign = sorted(set(dxo.data) - allowed)
         if foreign:

@@ -19,10 +19,11 @@ from .persistor import GLOBAL_FILE, load_weights
 
 
 class PFedSAMScatterAndGather(ScatterAndGather):
-    """ScatterAndGather whose rounds and min_clients come from the job's YAML (one settings file).
+    """ScatterAndGather whose rounds, min_clients and waits come from the job's YAML (one settings file).
 
     Arguments:
-      config_file (str): the job's YAML; ``federation.rounds`` and ``federation.min_clients``.
+      config_file (str): the job's YAML; ``federation.rounds``, ``min_clients``, ``wait_after_min_s``,
+        ``task_timeout_s`` override the JSON arguments of the same meaning.
       **kwargs: passed on to ScatterAndGather (aggregator_id, persistor_id, ...).
     """
 
@@ -31,9 +32,11 @@ class PFedSAMScatterAndGather(ScatterAndGather):
         self.config_file = config_file
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        cfg = job_config(fl_ctx, self.config_file)
-        self._num_rounds = cfg.federation.rounds
-        self._min_clients = cfg.federation.min_clients
+        fed = job_config(fl_ctx, self.config_file).federation
+        self._num_rounds = fed.rounds
+        self._min_clients = fed.min_clients
+        self._wait_time_after_min_received = fed.wait_after_min_s
+        self._train_timeout = fed.task_timeout_s
         super().start_controller(fl_ctx)
 
 
@@ -84,5 +87,8 @@ class PFedSAMBroadcast(BroadcastAndProcess):
         self.config_file = config_file
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        self.min_responses_required = job_config(fl_ctx, self.config_file).federation.min_clients
+        fed = job_config(fl_ctx, self.config_file).federation
+        self.min_responses_required = fed.min_clients
+        self.wait_time_after_min_received = fed.wait_after_min_s
+        self.timeout = fed.task_timeout_s
         super().start_controller(fl_ctx)
