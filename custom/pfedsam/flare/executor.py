@@ -25,6 +25,7 @@ from nvflare.app_common.app_constant import AppConstants
 from ..config import PFedSAMConfig
 from ..train import SiteTrainer
 from .common import CONFIG_FILE, METRICS_KEY, app_dir, job_config
+from .persistor import save_weights
 
 LOCAL_STATE_FILE = "pfedsam_local_state.pt"
 OWN_GLOBAL_FILE = "pfedsam_own_global.npz"  # mode 'local' only: the site's own copy of G
@@ -155,8 +156,6 @@ class PFedSAMExecutor(Executor):
         trainer.save_local_state(folder / LOCAL_STATE_FILE)
         weights = trainer.get_global_state()
         if cfg.federation.mode == "local":
-            from .persistor import save_weights
-
             save_weights(folder / OWN_GLOBAL_FILE, weights)
         metrics = {"val_dice_personalized": val["personalized"]["dice"], "val_dice_global": val["global"]["dice"],
                    "val_hd95_personalized": val["personalized"]["hd95"], "val_hd95_global": val["global"]["hd95"],
@@ -167,10 +166,9 @@ class PFedSAMExecutor(Executor):
         self.log_info(fl_ctx, f"round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
                               f"global {metrics['val_dice_global']:.4f}, {steps} global steps, "
                               f"{metrics['round_seconds']:.1f} s")
-        if cfg.federation.keep_round_states:
-            from .persistor import save_weights
-
+        if cfg.federation.keep_round_states:  # audit trail, stays at the site
             save_weights(folder / "sent" / f"round_{rnd}.npz", weights)
+            trainer.save_local_state(folder / "local_states" / f"round_{rnd}.pt")
         out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta={
             MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
             MetaKey.INITIAL_METRICS: {"val_dice_personalized": metrics["val_dice_personalized"]},

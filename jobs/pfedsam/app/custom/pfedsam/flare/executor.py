@@ -1,0 +1,208 @@
+"""Client: one pFedSAM round per ``train`` task, and the final evaluate/export task.
+
+The site's L-MoE lives in the site's own job workspace (``pfedsam_local_state.pt``), written
+atomically after every round, so a restarted client resumes it; it is never put into a
+result. Results carry only ``trainer.get_global_state()`` and then pass the GlobalOnlyFilter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import yaml
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from ..config import PFedSAMConfig
+from ..train import SiteTrainer
+from .common import CONFIG_FILE, METRICS_KEY, app_dir, job_config
+from .persistor import save_weights
+
+LOCAL_STATE_FILE = "pfedsam_local_state.pt"
+OWN_GLOBAL_FILE = "pfedsam_own_global.npz"  # mode 'local' only: the site's own copy of G
+SITE_CONFIG = "pfedsam_site.yaml"  # in the site's startup-kit local/ folder
+
+
+def site_settings(fl_ctx: FLContext) -> dict:
+    """Site-owned settings, never part of the job: ``local/pfedsam_site.yaml`` then env vars.
+
+    Keys: ``data_dir`` (this site's data folder), ``device`` (cpu, cuda, cuda:1, ...),
+    ``num_threads``. Env vars ``PFEDSAM_DATA_DIR`` / ``PFEDSAM_DEVICE`` override the file.
+    """
+    root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+    settings: dict = {}
+    path = root / "local" / SITE_CONFIG
+    if path.is_file():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping with data_dir / device / num_threads")
+        unknown = set(loaded) - {"data_dir", "device", "num_threads"}
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; known: data_dir, device, num_threads")
+        settings.update(loaded)
+    if os.environ.get("PFEDSAM_DATA_DIR"):
+        settings["data_dir"] = os.environ["PFEDSAM_DATA_DIR"]
+    if os.environ.get("PFEDSAM_DEVICE"):
+        settings["device"] = os.environ["PFEDSAM_DEVICE"]
+    return settings
+
+
+class PFedSAMExecutor(Executor):
+    """Runs the site's part of pFedSAM.
+
+    Arguments:
+      config_file (str): the job's YAML in the app's config folder.
+      train_task (str): task name of a federated round.
+      final_task (str): task name of the final evaluation and export.
+      log_writer_id (str): id of a TBWriter component for analytics ("" = none).
+    """
+
+    def __init__(self, config_file: str = CONFIG_FILE, train_task: str = "train", final_task: str = "final_eval",
+                 log_writer_id: str = "log_writer") -> None:
+        super().__init__()
+        self.config_file = config_file
+        self.train_task = train_task
+        self.final_task = final_task
+        self.log_writer_id = log_writer_id
+        self.trainer: SiteTrainer | None = None
+        self.cfg: PFedSAMConfig | None = None
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def _trainer(self, fl_ctx: FLContext) -> SiteTrainer:
+        if self.trainer is None:
+            cfg = job_config(fl_ctx, self.config_file)
+            settings = site_settings(fl_ctx)
+            if "device" in settings:
+                cfg.train.device = str(settings["device"])
+            if "num_threads" in settings:
+                cfg.train.num_threads = int(settings["num_threads"])
+            site = fl_ctx.get_identity_name()
+            data_dir = settings.get("data_dir")
+            self.trainer = SiteTrainer(cfg, site, site_dir=data_dir, workdir=app_dir(fl_ctx) / "work")
+            self.cfg = cfg
+            if self.trainer.skipped:
+                self.log_warning(fl_ctx, f"skipped {len(self.trainer.skipped)} bad file(s): "
+                                         f"{[str(b.path) for b in self.trainer.skipped][:5]}")
+            self.log_info(fl_ctx, f"site {site}: data {self.trainer.site_dir}, device {self.trainer.device}, "
+                                  f"{self.trainer.num_train_images} training images")
+            start = time.perf_counter()
+            self.trainer.warm_cache()
+            self.log_info(fl_ctx, f"prefix feature cache filled in {time.perf_counter() - start:.1f} s")
+        return self.trainer
+
+    def _log(self, fl_ctx: FLContext, scalars: dict[str, float], step: int) -> None:
+        writer = fl_ctx.get_engine().get_component(self.log_writer_id) if self.log_writer_id else None
+        if writer is None:
+            return
+        for tag, value in scalars.items():
+            if isinstance(value, (int, float)) and np.isfinite(value):
+                writer.add_scalar(tag, float(value), global_step=step)
+
+    # -- tasks -------------------------------------------------------------------------------------------
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in (self.train_task, self.final_task):
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            if task_name == self.train_task:
+                return self._train(shareable, fl_ctx, abort_signal)
+            return self._final(shareable, fl_ctx, abort_signal)
+        except Exception as exc:  # report, never crash the client process
+            self.log_error(fl_ctx, f"{task_name} failed: {exc}\n{traceback.format_exc()}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+
+    def _load_round_state(self, trainer: SiteTrainer, incoming: dict, fl_ctx: FLContext) -> None:
+        folder = app_dir(fl_ctx)
+        own = folder / OWN_GLOBAL_FILE
+        if self.cfg.federation.mode == "local" and own.is_file():
+            with np.load(own) as data:  # local-only baseline: the server's average is ignored
+                trainer.set_global_state({k: data[k] for k in data.files})
+        else:
+            trainer.set_global_state(incoming)
+        if trainer.load_local_state(folder / LOCAL_STATE_FILE):
+            self.log_info(fl_ctx, "resumed this site's L-MoE state")
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        trainer = self._trainer(fl_ctx)
+        cfg = self.cfg
+        rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
+        dxo = from_shareable(shareable)
+        self._load_round_state(trainer, dxo.data, fl_ctx)
+        start = time.perf_counter()
+
+        def aborted() -> bool:
+            return abort_signal.triggered
+
+        if cfg.train.schedule == "joint":
+            phases = {"joint": trainer.run_joint_phase(abort=aborted)}
+            steps = phases["joint"]["steps"]
+            val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
+        else:
+            phases = {"local": trainer.run_local_phase(abort=aborted)}
+            val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
+            phases["global"] = trainer.run_global_phase(abort=aborted)
+            steps = phases["global"]["steps"]
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        folder = app_dir(fl_ctx)
+        trainer.save_local_state(folder / LOCAL_STATE_FILE)
+        weights = trainer.get_global_state()
+        if cfg.federation.mode == "local":
+            save_weights(folder / OWN_GLOBAL_FILE, weights)
+        metrics = {"val_dice_personalized": val["personalized"]["dice"], "val_dice_global": val["global"]["dice"],
+                   "val_hd95_personalized": val["personalized"]["hd95"], "val_hd95_global": val["global"]["hd95"],
+                   "round_seconds": time.perf_counter() - start}
+        for phase, res in phases.items():
+            metrics.update({f"{phase}_{k}": v for k, v in res.items() if k != "seconds"})
+        self._log(fl_ctx, metrics, rnd)
+        self.log_info(fl_ctx, f"round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
+                              f"global {metrics['val_dice_global']:.4f}, {steps} global steps, "
+                              f"{metrics['round_seconds']:.1f} s")
+        if cfg.federation.keep_round_states:  # audit trail, stays at the site
+            save_weights(folder / "sent" / f"round_{rnd}.npz", weights)
+            trainer.save_local_state(folder / "local_states" / f"round_{rnd}.pt")
+        out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta={
+            MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
+            MetaKey.INITIAL_METRICS: {"val_dice_personalized": metrics["val_dice_personalized"]},
+            METRICS_KEY: {k: float(v) for k, v in metrics.items()},
+        })
+        return out.to_shareable()
+
+    def _final(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        trainer = self._trainer(fl_ctx)
+        cfg = self.cfg
+        self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx)
+        results: dict = {"global": trainer.evaluate("test", "global")}
+        n = cfg.federation.final_local_steps
+        if n:  # "+ local fine-tune": personalize the final model with a few more local steps
+            if trainer.model.has_experts:
+                trainer.run_local_phase(n)
+            else:
+                trainer.run_global_phase(n)
+        results["personalized"] = trainer.evaluate("test", "personalized")
+        folder = app_dir(fl_ctx) / "personalized_model"
+        trainer.save_model(folder, {"round": cfg.federation.rounds, "mode": cfg.federation.mode})
+        results["model_dir"] = str(folder)
+        results["export"] = "none"
+        if cfg.federation.export_format == "onnx":
+            try:
+                from ..export import export_onnx  # export sits above flare: imported only here
+
+                export_onnx(folder, app_dir(fl_ctx) / "export")
+                results["export"] = "onnx"
+            except Exception as exc:  # training results still count when export fails
+                results["export"] = f"failed: {exc}"
+                self.log_error(fl_ctx, f"ONNX export failed: {exc}")
+        self._log(fl_ctx, {f"test_dice_{w}": results[w]["dice"] for w in ("personalized", "global")},
+                  cfg.federation.rounds)
+        self.log_info(fl_ctx, f"final test Dice personalized {results['personalized']['dice']:.4f} "
+                              f"global {results['global']['dice']:.4f}; model in {folder}")
+        return DXO(data_kind=DataKind.METRICS, data=results).to_shareable()

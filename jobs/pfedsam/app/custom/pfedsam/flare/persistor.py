@@ -1,0 +1,81 @@
+"""Server-side persistence of the global parameters (the only model state the server has)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+
+from .common import CONFIG_FILE, model_facts, run_dir
+
+GLOBAL_FILE = "global_model.npz"
+BEST_FILE = "best_global_model.npz"
+
+
+def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
+    """Atomic .npz write (a crash never leaves a half-written global model)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **weights)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_weights(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+class GlobalModelPersistor(ModelPersistor):
+    """Holds G(t): builds G(0) from the job's YAML, saves G after every round and the best one.
+
+    Files in the server's run folder: ``global_model.npz`` (latest), ``global_rounds/round_N.npz``
+    (G after round N, for audits and tests) and ``best_global_model.npz`` (best by the sites'
+    personalized validation Dice, via IntimeModelSelector).
+
+    Arguments:
+      config_file (str): the job's YAML in the app's config folder.
+      keep_rounds (bool): also keep G after every round.
+    """
+
+    def __init__(self, config_file: str = CONFIG_FILE, keep_rounds: bool = True) -> None:
+        super().__init__()
+        self.config_file = config_file
+        self.keep_rounds = keep_rounds
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        latest = run_dir(fl_ctx) / GLOBAL_FILE
+        if latest.is_file():  # a restarted server job continues from its last saved global model
+            self.log_info(fl_ctx, f"resuming global parameters from {latest}")
+            weights = load_weights(latest)
+        else:
+            weights = dict(model_facts(fl_ctx, self.config_file).initial_global)
+        return make_model_learnable(weights, {})
+
+    def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
+        weights = model[ModelLearnableKey.WEIGHTS]
+        folder = run_dir(fl_ctx)
+        save_weights(folder / GLOBAL_FILE, weights)
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if self.keep_rounds and rnd is not None:
+            save_weights(folder / "global_rounds" / f"round_{rnd}.npz", weights)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+            if model is not None:
+                save_weights(run_dir(fl_ctx) / BEST_FILE, model[ModelLearnableKey.WEIGHTS])
+        elif event_type == EventType.START_RUN:
+            model_facts(fl_ctx, self.config_file)  # fail early on a bad config

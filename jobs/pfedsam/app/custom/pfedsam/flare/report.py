@@ -1,0 +1,124 @@
+"""The run report: what every site sent each round, its Dice, and the final per-site table.
+
+Pure Python (no nvflare import). The server writes ``report.json`` and ``report.md`` into its
+run folder after every round, so a run that stops early still leaves what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+class RunReport:
+    """Accumulates per-round contributions and final results; writes JSON and Markdown.
+
+    Arguments:
+      job (dict): run identity and settings to record (job name, mode, backbone, rounds, ...).
+    """
+
+    def __init__(self, job: dict[str, Any] | None = None) -> None:
+        self.data: dict[str, Any] = {"job": dict(job or {}), "rounds": [], "final": {}, "started": time.time()}
+        self._round_start: dict[int, float] = {}
+
+    def _round(self, rnd: int) -> dict[str, Any]:
+        for entry in self.data["rounds"]:
+            if entry["round"] == rnd:
+                return entry
+        entry = {"round": rnd, "sites": {}, "wall_time_s": None, "accepted": 0, "rejected": 0}
+        self.data["rounds"].append(entry)
+        return entry
+
+    def start_round(self, rnd: int) -> None:
+        self._round_start[rnd] = time.time()
+        self._round(rnd)
+
+    def add_contribution(
+        self, rnd: int, site: str, names: list[str], nbytes: int, metrics: dict[str, Any],
+        accepted: bool, reason: str | None = None, num_steps: float | None = None,
+    ) -> None:
+        entry = self._round(rnd)
+        entry["sites"][site] = {
+            "accepted": accepted, "reason": reason, "bytes_received": int(nbytes), "num_steps": num_steps,
+            "param_names": sorted(names), "metrics": metrics,
+        }
+        entry["accepted" if accepted else "rejected"] += 1
+
+    def end_round(self, rnd: int, global_changed: bool) -> None:
+        entry = self._round(rnd)
+        start = self._round_start.get(rnd)
+        entry["wall_time_s"] = None if start is None else round(time.time() - start, 3)
+        entry["global_updated"] = global_changed
+
+    def add_final(self, site: str, results: dict[str, Any]) -> None:
+        self.data["final"][site] = results
+
+    def to_markdown(self) -> str:
+        job = self.data["job"]
+        lines = [f"# pFedSAM run report: {job.get('name', '')}", ""]
+        if job:
+            lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in job.items()] + [""]
+        lines += ["## Rounds", "", "| round | site | accepted | personalized val Dice | global val Dice | "
+                  "bytes received | steps | wall time s |", "|---|---|---|---|---|---|---|---|"]
+        for entry in self.data["rounds"]:
+            for site, c in sorted(entry["sites"].items()):
+                m = c["metrics"]
+                acc = "yes" if c["accepted"] else f"no: {c['reason']}"
+                lines.append(f"| {entry['round']} | {site} | {acc} | {_fmt(m.get('val_dice_personalized'))} | "
+                             f"{_fmt(m.get('val_dice_global'))} | {c['bytes_received']:,} | {_fmt(c['num_steps'])} | "
+                             f"{_fmt(entry['wall_time_s'])} |")
+        if self.data["final"]:
+            lines += ["", "## Final (test split)", "", "| site | personalized Dice | personalized HD95 | "
+                      "global Dice | global HD95 | test images | export |", "|---|---|---|---|---|---|---|"]
+            for site, r in sorted(self.data["final"].items()):
+                p, g = r.get("personalized", {}), r.get("global", {})
+                lines.append(f"| {site} | {_fmt(p.get('dice'))} | {_fmt(p.get('hd95'))} | {_fmt(g.get('dice'))} | "
+                             f"{_fmt(g.get('hd95'))} | {_fmt(p.get('n'))} | {r.get('export', '-')} |")
+            means = final_means(self.data["final"])
+            if means:
+                lines.append(f"| **mean** | {_fmt(means['personalized'])} | | {_fmt(means['global'])} | | | |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        self.data["written"] = time.time()
+        _atomic_write(folder / "report.json", json.dumps(self.data, indent=1, default=str))
+        _atomic_write(folder / "report.md", self.to_markdown())
+        return folder / "report.json"
+
+
+def final_means(final: dict[str, Any]) -> dict[str, float]:
+    """Mean test Dice over sites of the personalized and the global models."""
+    out = {}
+    for which in ("personalized", "global"):
+        values = [r[which]["dice"] for r in final.values() if which in r and "dice" in r[which]]
+        if values:
+            out[which] = float(sum(values) / len(values))
+    return out
+
+
+def final_table(report: dict[str, Any]) -> str:
+    """The final per-site table of a report.json (for the admin tool and the CLI)."""
+    rr = RunReport()
+    rr.data = report
+    text = rr.to_markdown()
+    return text[text.index("## Final"):] if "## Final" in text else "report.json has no final results yet\n"

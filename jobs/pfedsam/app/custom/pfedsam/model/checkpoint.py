@@ -1,0 +1,68 @@
+"""A site model folder: ``config.yaml`` + ``weights.pt`` (global + local state + meta).
+
+This is what a site keeps after federated training and what ``pfedsam export`` /
+``pfedsam predict`` read. Frozen backbone weights are not copied: they come from the
+backbone's own checkpoint named in the config.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, PFedSAMConfig, dump_config, load_config
+from .pfedsam import PFedSAM, build_pfedsam
+from .registry import global_state, load_global_state, load_local_state, local_state
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "weights.pt"
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path`` (never torn)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_site_model(
+    model: PFedSAM, cfg: PFedSAMConfig, out_dir: str | Path, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``config.yaml`` and ``weights.pt`` (global + local parameters and ``meta``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(dump_config(cfg))
+    atomic_torch_save({"global": global_state(model), "local": local_state(model), "meta": dict(meta or {})},
+                      out / WEIGHTS_FILE)
+    return out
+
+
+def load_site_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[PFedSAM, PFedSAMConfig, dict]:
+    """Rebuild a personalized model from a site model folder; errors name the file at fault."""
+    folder = Path(model_dir)
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a site model folder: {path.name} is missing")
+    cfg = load_config(cfg_path)
+    try:
+        saved = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{weights_path}: cannot be read as pFedSAM weights: {exc}") from None
+    if not isinstance(saved, dict) or "global" not in saved or "local" not in saved:
+        raise ConfigError(f"{weights_path}: expected a dict with 'global' and 'local' states")
+    model = build_pfedsam(cfg)
+    load_global_state(model, saved["global"], source=str(weights_path))
+    load_local_state(model, saved["local"], source=str(weights_path))
+    return model.to(device).eval(), cfg, dict(saved.get("meta", {}))

@@ -1,0 +1,233 @@
+"""PFedSAM: a SAM-compatible model with global LoRA/decoder and a local L-MoE.
+
+The image encoder is run as an ordered list of *units* (stem, each attention block, patch
+merging, ...). Units in front of the first adapted one are frozen and deterministic, so their
+output (the *prefix features*) can be computed once per image and cached; training then runs
+only ``forward_from_prefix``. The encoder and prompt encoder always stay in eval mode: they
+are frozen, and TinyViT's BatchNorm must not update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import ImageEncoderViT, Sam
+from torch import nn
+
+from ..config import PFedSAMConfig, resolved_image_size
+from .backbones import build_backbone
+from .lmoe import LocalizedMoE
+from .lora import LoRALinear, qkv_indices_sam, qkv_indices_tinyvit
+from .registry import ParameterRegistry, ParamKind
+
+Unit = tuple[str, Callable[[torch.Tensor], torch.Tensor], nn.Module | None]  # name, fn, attention block
+
+
+def _encoder_units(encoder: nn.Module) -> tuple[list[Unit], Callable[[torch.Tensor], torch.Tensor]]:
+    """Split an image encoder into units plus the final neck function (tokens -> (B, C, h, w))."""
+    if isinstance(encoder, ImageEncoderViT):
+        def stem(x: torch.Tensor) -> torch.Tensor:
+            x = encoder.patch_embed(x)
+            return x + encoder.pos_embed if encoder.pos_embed is not None else x
+
+        units: list[Unit] = [("stem", stem, None)]
+        units += [(f"blocks.{i}", blk, blk) for i, blk in enumerate(encoder.blocks)]
+        return units, lambda x: encoder.neck(x.permute(0, 3, 1, 2))
+    if type(encoder).__name__ == "TinyViT":
+        units = [("stem", lambda x: encoder.layers[0](encoder.patch_embed(x)), None)]
+        for i in range(1, len(encoder.layers)):
+            layer = encoder.layers[i]
+            units += [(f"layers.{i}.blocks.{j}", blk, blk) for j, blk in enumerate(layer.blocks)]
+            if layer.downsample is not None:
+                units.append((f"layers.{i}.downsample", layer.downsample, None))
+
+        def neck(x: torch.Tensor) -> torch.Tensor:
+            b, n, c = x.shape
+            side = int(n**0.5)
+            return encoder.neck(x.view(b, side, side, c).permute(0, 3, 1, 2))
+
+        return units, neck
+    raise TypeError(f"unsupported image encoder {type(encoder).__name__}")
+
+
+def _block_dim(block: nn.Module) -> int:
+    return block.attn.qkv.in_features
+
+
+class PFedSAM(nn.Module):
+    """Personalized SAM: frozen backbone + global LoRA/decoder + local L-MoE.
+
+    Arguments:
+      sam (Sam): a backbone from ``build_backbone`` with its weights loaded.
+      cfg (PFedSAMConfig): decides adapters, placement and prompt mode.
+    """
+
+    def __init__(self, sam: Sam, cfg: PFedSAMConfig) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.image_size = resolved_image_size(cfg)
+        self.prompt = cfg.prompt
+        self.use_experts = True
+        rules: list[tuple[str, ParamKind]] = [("", ParamKind.FROZEN)]
+        units, neck = _encoder_units(self.image_encoder)
+        self._units: list[Unit] = [*units, ("neck", neck, None)]
+        blocks = [i for i, u in enumerate(self._units) if u[2] is not None]
+        adapted: list[int] = []
+
+        # Global LoRA on q/v of the last N encoder attention blocks.
+        n_lora = cfg.lora.encoder_blocks
+        if n_lora > len(blocks):
+            raise ValueError(f"lora.encoder_blocks={n_lora} but the encoder has {len(blocks)} attention blocks")
+        for i in blocks[len(blocks) - n_lora:] if n_lora else []:
+            name, _, blk = self._units[i]
+            attn = blk.attn
+            index = qkv_indices_tinyvit(attn) if hasattr(attn, "key_dim") else qkv_indices_sam(attn.qkv)
+            attn.qkv = LoRALinear(attn.qkv, cfg.lora.rank, cfg.lora.alpha, index)
+            for target in index:
+                rules += [(f"image_encoder.{name}.attn.qkv.lora_{target}_{ab}", ParamKind.GLOBAL) for ab in "AB"]
+            adapted.append(i)
+
+        # The mask decoder: trained in full, through LoRA on its attention, or not at all.
+        if cfg.decoder == "full":
+            rules.append(("mask_decoder", ParamKind.GLOBAL))
+            # Single-mask output: the IoU head and the multimask hypernetworks never get a
+            # gradient, so they stay frozen and off the wire.
+            rules.append(("mask_decoder.iou_prediction_head", ParamKind.FROZEN))
+            rules += [(f"mask_decoder.output_hypernetworks_mlps.{i}", ParamKind.FROZEN)
+                      for i in range(1, self.mask_decoder.num_mask_tokens)]
+        elif cfg.decoder == "lora":
+            for mod_name, module in list(self.mask_decoder.named_modules()):
+                if hasattr(module, "q_proj") and hasattr(module, "v_proj"):
+                    for proj in ("q_proj", "v_proj"):
+                        setattr(module, proj, LoRALinear(getattr(module, proj), cfg.lora.decoder_rank,
+                                                         cfg.lora.alpha, {proj[0]: None}))
+                        for ab in "AB":
+                            rules.append((f"mask_decoder.{mod_name}.{proj}.lora_{proj[0]}_{ab}", ParamKind.GLOBAL))
+
+        # The local L-MoE: on the image embedding (neck) or after the last N encoder blocks.
+        self.lmoe = nn.ModuleDict()
+        k = cfg.lmoe
+        if k.num_experts > 0:
+            if k.placement == "neck":
+                dim = self.mask_decoder.transformer_dim
+                self.lmoe["neck"] = LocalizedMoE(dim, k.num_experts, k.top_k, k.hidden, k.routing)
+            else:
+                if k.blocks > len(blocks):
+                    raise ValueError(f"lmoe.blocks={k.blocks} but the encoder has {len(blocks)} attention blocks")
+                for i in blocks[len(blocks) - k.blocks:]:
+                    dim = _block_dim(self._units[i][2])
+                    self.lmoe[str(i)] = LocalizedMoE(dim, k.num_experts, k.top_k, k.hidden, k.routing)
+                    adapted.append(i)
+            rules.append(("lmoe", ParamKind.LOCAL))
+
+        # Units before the first adapted one are frozen: their output can be cached. With no
+        # adapter inside the encoder that is the whole encoder, neck included.
+        self.prefix_units = min(adapted) if adapted else len(self._units)
+        self.registry = ParameterRegistry(self, rules)
+        self.registry.set_trainable(self, set())
+        self.eval()
+
+    # -- modes -------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> PFedSAM:
+        super().train(mode)
+        self.image_encoder.eval()  # frozen backbone (BatchNorm statistics must never move)
+        self.prompt_encoder.eval()
+        return self
+
+    @property
+    def has_experts(self) -> bool:
+        return len(self.lmoe) > 0
+
+    @property
+    def prefix_is_embedding(self) -> bool:
+        """True when the whole encoder is frozen: prefix features are the image embedding (B, C, h, w)."""
+        return self.prefix_units == len(self._units)
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen prefix features of preprocessed images ``(B, 3, S, S)`` (cacheable per image)."""
+        x = images
+        with torch.no_grad():
+            for _, fn, _ in self._units[: self.prefix_units]:
+                x = fn(x)
+        return x
+
+    def embed_from_prefix(self, features: torch.Tensor, use_experts: bool | None = None) -> torch.Tensor:
+        """Image embedding ``(B, C, h, w)`` from prefix features."""
+        experts = self.use_experts if use_experts is None else use_experts
+        x = features
+        for i in range(self.prefix_units, len(self._units)):
+            x = self._units[i][1](x)
+            key = str(i)
+            if experts and key in self.lmoe:
+                x = self.lmoe[key](x)
+        if experts and "neck" in self.lmoe:
+            x = self.lmoe["neck"](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
+
+    def prompt_embeddings(self, batch: int, boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse and dense prompt embeddings: no-prompt embeddings, or one box per image."""
+        pe = self.prompt_encoder
+        if self.prompt == "box":
+            if boxes is None:
+                raise ValueError("prompt mode 'box' needs one box (x0, y0, x1, y1) per image")
+            with torch.no_grad():
+                return pe(points=None, boxes=boxes.reshape(batch, 4), masks=None)
+        h, w = pe.image_embedding_size
+        sparse = torch.empty((batch, 0, pe.embed_dim), device=pe.no_mask_embed.weight.device)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
+        return sparse, dense
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits ``(B, 1, S, S)`` for a batch of image embeddings, one prompt set per image.
+
+        segment_anything's ``MaskDecoder.predict_masks`` repeats every image for every prompt
+        (one image, many prompts); training needs one prompt per image, so the same modules are
+        driven here image-batched.
+        """
+        dec = self.mask_decoder
+        b = embeddings.shape[0]
+        sparse, dense = self.prompt_embeddings(b, boxes)
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(b, -1, -1), sparse.to(tokens.dtype)], dim=1)
+        src = embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos, tokens)
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # single-mask output token
+        _, c2, h2, w2 = upscaled.shape
+        logits = (hyper.unsqueeze(1) @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, 1, h2, w2)
+        if h2 != self.image_size:
+            logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        return logits
+
+    def forward_from_prefix(
+        self, features: torch.Tensor, boxes: torch.Tensor | None = None, use_experts: bool | None = None
+    ) -> torch.Tensor:
+        return self.decode(self.embed_from_prefix(features, use_experts), boxes)
+
+    def forward(
+        self, images: torch.Tensor, boxes: torch.Tensor | None = None, use_experts: bool | None = None
+    ) -> torch.Tensor:
+        """Mask logits ``(B, 1, S, S)`` for preprocessed images ``(B, 3, S, S)``."""
+        return self.forward_from_prefix(self.encode_prefix(images), boxes, use_experts)
+
+    def balance_loss(self) -> torch.Tensor:
+        """Sum of the L-MoE load-balancing losses of the last forward (0 without experts)."""
+        losses = [m.balance_loss for m in self.lmoe.values()]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def build_pfedsam(cfg: PFedSAMConfig) -> PFedSAM:
+    """Build the backbone named in ``cfg`` and wrap it with adapters and the registry."""
+    sam = build_backbone(cfg.backbone, cfg.checkpoint, resolved_image_size(cfg))
+    # Adapters are seeded from the run seed (LoRA A matrices, router, experts).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return PFedSAM(sam, cfg)

@@ -1,0 +1,359 @@
+"""Training at one site: the local (personalization) phase, the global phase, evaluation.
+
+One round of pFedSAM at a site (see design.md):
+1. load G(t) from the server and L_i from the site's own state;
+2. local phase: teacher = global model (experts off, frozen), student = personalized model;
+   only L_i is trained, with seg + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance;
+3. evaluate personalized and global models;
+4. global phase: G trained from G(t) with experts off, seg loss only; G_i(t+1) is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import PFedSAMConfig, resolved_image_size
+from ..data.resolve import resolve_site_dir
+from ..data.sites import SiteDataset, load_split
+from ..model import ParamKind, build_pfedsam, global_state, load_global_state, load_local_state, local_state
+from ..model.backbones import backbone_fingerprint
+from ..model.checkpoint import atomic_torch_save, save_site_model
+from .cache import FeatureCache
+from .losses import distillation_loss, proximal_term, segmentation_loss
+from .metrics import image_metrics, summarize
+
+log = logging.getLogger(__name__)
+
+NORMALIZATION = {"litemedsam": "minmax", "tiny": "minmax", "vit_b": "sam", "vit_l": "sam", "vit_h": "sam"}
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is '{name}' but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class _Split:
+    """A split's samples held without augmentation: cache keys, masks, boxes, valid regions."""
+
+    def __init__(self, dataset: SiteDataset, cache: FeatureCache) -> None:
+        self.dataset = dataset
+        self.keys: list[str] = []
+        masks, boxes, valid = [], [], []
+        for i in range(len(dataset)):
+            sample = dataset.plain_sample(i)
+            self.keys.append(cache.key(sample["image"]))
+            masks.append(sample["mask"].to(torch.uint8))
+            boxes.append(sample["box"])
+            valid.append(sample["valid_hw"])
+        self.masks = torch.stack(masks) if masks else torch.zeros(0)
+        self.boxes = torch.stack(boxes) if boxes else torch.zeros(0, 4)
+        self.valid = torch.stack(valid) if valid else torch.zeros(0, 2, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class SiteTrainer:
+    """Everything one site does with its model and data.
+
+    Arguments:
+      cfg (PFedSAMConfig): the run settings.
+      site_name (str): the site's name (FLARE client name, or a folder name locally).
+      site_dir (Path|None): the site's data folder; None = resolved from ``cfg.data``.
+      workdir (Path|None): where the feature cache and saved states go (default: a temp dir).
+    """
+
+    def __init__(
+        self, cfg: PFedSAMConfig, site_name: str, site_dir: str | Path | None = None,
+        workdir: str | Path | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.site_name = site_name
+        self.site_dir = Path(site_dir) if site_dir is not None else resolve_site_dir(cfg, site_name)
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pfedsam-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.device = select_device(cfg.train.device)
+        self.model = build_pfedsam(cfg).to(self.device)
+        self.registry = self.model.registry
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self._seg = segmentation_loss()
+        self._rng = random.Random(f"{cfg.train.seed}-{site_name}")
+        self._gen = torch.Generator().manual_seed(cfg.train.seed)
+        self._order: list[int] = []
+
+        size = resolved_image_size(cfg)
+        fingerprint = f"{backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)}-prefix{self.model.prefix_units}"
+        cache_dir = cfg.train.cache_dir or (self.workdir / "feature_cache")
+        self.cache = FeatureCache(cfg.train.cache, fingerprint, cache_dir if cfg.train.cache == "disk" else None)
+
+        split = load_split(self.site_dir, seed=cfg.train.seed, fractions=tuple(cfg.data.split_fractions))
+        self.datasets: dict[str, SiteDataset] = {}
+        for name in ("train", "val", "test"):
+            ids = split[name]
+            limit = cfg.data.max_train if name == "train" else cfg.data.max_eval
+            if limit:
+                ids = ids[:limit]
+            self.datasets[name] = SiteDataset(
+                self.site_dir, split=name, image_size=size, normalization=NORMALIZATION[cfg.backbone],
+                augment=(name == "train" and cfg.data.augment), mask_convention=cfg.data.mask_convention,
+                on_bad_file=cfg.data.on_bad_file, seed=cfg.train.seed,
+                split_fractions=tuple(cfg.data.split_fractions), ids=ids,
+            )
+        self.skipped = [b for d in self.datasets.values() for b in d.skipped]
+        self._splits: dict[str, _Split] = {}
+
+    # -- parameters --------------------------------------------------------------------------------------
+    def global_names(self) -> list[str]:
+        return self.registry.names(ParamKind.GLOBAL)
+
+    def local_names(self) -> list[str]:
+        return self.registry.names(ParamKind.LOCAL)
+
+    def get_global_state(self) -> dict[str, np.ndarray]:
+        return {k: v.float().numpy() for k, v in global_state(self.model).items()}
+
+    def set_global_state(self, state: dict) -> None:
+        load_global_state(self.model, {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+
+    def get_local_state(self) -> dict[str, np.ndarray]:
+        return {k: v.float().numpy() for k, v in local_state(self.model).items()}
+
+    def set_local_state(self, state: dict) -> None:
+        load_local_state(self.model, {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
+
+    def save_local_state(self, path: str | Path) -> None:
+        """Write this site's L-MoE state atomically (never sent anywhere)."""
+        atomic_torch_save({"site": self.site_name, "local": local_state(self.model)}, path)
+
+    def load_local_state(self, path: str | Path) -> bool:
+        """Load a saved L-MoE state; False when the file does not exist yet."""
+        path = Path(path)
+        if not path.is_file():
+            return False
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        load_local_state(self.model, saved["local"], source=str(path))
+        return True
+
+    def save_model(self, out_dir: str | Path, meta: dict | None = None) -> Path:
+        """Save the personalized model (config + global + local state) as a site model folder."""
+        return save_site_model(self.model, self.cfg, out_dir, {"site": self.site_name, **(meta or {})})
+
+    @property
+    def num_train_images(self) -> int:
+        return len(self.datasets["train"])
+
+    # -- data --------------------------------------------------------------------------------------------
+    def _split(self, name: str) -> _Split:
+        if name not in self._splits:
+            self._splits[name] = _Split(self.datasets[name], self.cache)
+        return self._splits[name]
+
+    def _prefix(self, split: _Split, idx: list[int]) -> torch.Tensor:
+        def load(pos: list[int]) -> torch.Tensor:
+            return torch.stack([split.dataset.plain_sample(idx[p])["image"] for p in pos])
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                return self.model.encode_prefix(images.to(self.device)).float()
+
+        keys = [split.keys[i] for i in idx]
+        if not self.cache.enabled:
+            return encode(load(list(range(len(idx)))))
+        return self.cache.features(keys, load, encode, self.cfg.train.batch_size)
+
+    def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
+        """Compute and store the prefix features of every image in ``splits`` once."""
+        if not self.cache.enabled:
+            return
+        for name in splits:
+            split = self._split(name)
+            bs = self.cfg.train.batch_size
+            for start in tqdm(range(0, len(split), bs), desc=f"{self.site_name} cache {name}",
+                              disable=None, leave=False):
+                self._prefix(split, list(range(start, min(start + bs, len(split)))))
+
+    def _next_indices(self, n: int, total: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._order = torch.randperm(total, generator=self._gen).tolist()
+            out.append(self._order.pop())
+        return out
+
+    def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prefix features, masks, boxes) of the next training batch, augmented."""
+        split = self._split("train")
+        if len(split) == 0:
+            raise RuntimeError(f"site '{self.site_name}' has no training images in {self.site_dir}")
+        idx = self._next_indices(self.cfg.train.batch_size, len(split))
+        if self.cache.enabled:
+            feats = self._prefix(split, idx)
+            masks = split.masks[idx].float()
+            boxes = split.boxes[idx].clone()
+            if self.cfg.data.augment and self.model.prefix_is_embedding:
+                feats, masks, boxes = self._flip(feats, masks, boxes)
+        else:  # image-space augmentation, full encoder pass every step
+            samples = [split.dataset[i] for i in idx]
+            images = torch.stack([s["image"] for s in samples]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                feats = self.model.encode_prefix(images).float()
+            masks = torch.stack([s["mask"] for s in samples])
+            boxes = torch.stack([s["box"] for s in samples])
+        if self.cfg.prompt == "box":
+            boxes = self._jitter(boxes)
+        return feats.to(self.device), masks.to(self.device), boxes.to(self.device)
+
+    def _flip(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> tuple:
+        """Feature-space flips: the cached image embedding and its mask/box flipped together."""
+        size = masks.shape[-1]
+        for b in range(feats.shape[0]):
+            if self._rng.random() < 0.5:
+                feats[b], masks[b] = feats[b].flip(-1), masks[b].flip(-1)
+                boxes[b, [0, 2]] = size - boxes[b, [2, 0]]
+            if self._rng.random() < 0.5:
+                feats[b], masks[b] = feats[b].flip(-2), masks[b].flip(-2)
+                boxes[b, [1, 3]] = size - boxes[b, [3, 1]]
+        return feats, masks, boxes
+
+    def _jitter(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Box prompts in training: each side moved by up to 10% of the box size."""
+        w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
+        h = (boxes[:, 3] - boxes[:, 1]).clamp(min=1)
+        noise = (torch.rand(boxes.shape, generator=self._gen) * 2 - 1) * 0.1
+        scale = torch.stack([w, h, w, h], dim=1)
+        size = self.model.image_size
+        return (boxes + noise * scale).clamp(0, size)
+
+    # -- phases ------------------------------------------------------------------------------------------
+    def _run(
+        self, phase: str, steps: int, trainable: set[ParamKind], loss_fn: Callable,
+        abort: Callable[[], bool] | None,
+    ) -> dict[str, float]:
+        self.registry.set_trainable(self.model, trainable)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if steps <= 0 or not params:
+            self.registry.set_trainable(self.model, set())
+            return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+        groups = []
+        for kind, lr in ((ParamKind.GLOBAL, self.cfg.train.lr_global), (ParamKind.LOCAL, self.cfg.train.lr_local)):
+            names = set(self.registry.names(kind))
+            ps = [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
+            if ps:
+                groups.append({"params": ps, "lr": lr})
+        opt = torch.optim.AdamW(groups, weight_decay=self.cfg.train.weight_decay)
+        self.model.train()
+        totals: dict[str, float] = {}
+        done = 0
+        start = time.perf_counter()
+        for _ in tqdm(range(steps), desc=f"{self.site_name} {phase}", disable=None, leave=False):
+            if abort is not None and abort():
+                break
+            feats, masks, boxes = self._train_batch()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                parts = loss_fn(feats, masks, boxes)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            if self.cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+            opt.step()
+            done += 1
+            for k, v in parts.items():
+                totals[k] = totals.get(k, 0.0) + float(v.detach())
+        self.model.eval()
+        self.registry.set_trainable(self.model, set())
+        out = {k: v / max(done, 1) for k, v in totals.items()}
+        out.update(steps=done, seconds=time.perf_counter() - start)
+        return out
+
+    def local_loss(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """seg(student) + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance."""
+        t = self.cfg.train
+        student = self.model.forward_from_prefix(feats, boxes, use_experts=True).float()
+        parts = {"seg": self._seg(student, masks), "balance": self.model.balance_loss().to(student.device)}
+        if t.kd_weight > 0:
+            with torch.no_grad():
+                teacher = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
+            parts["kd"] = distillation_loss(student, teacher, t.kd_temperature)
+        else:
+            parts["kd"] = torch.zeros((), device=student.device)
+        parts["loss"] = parts["seg"] + t.kd_weight * parts["kd"] + t.balance_weight * parts["balance"]
+        return parts
+
+    def run_local_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+        """Personalize: train only the L-MoE, distilling from the (frozen) global model."""
+        if not self.model.has_experts:
+            return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+        n = self.cfg.train.local_steps if steps is None else steps
+        return self._run("local", n, {ParamKind.LOCAL}, self.local_loss, abort)
+
+    def run_global_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+        """Fine-tune the global parameters from G(t) with experts off (seg loss, + FedProx if set)."""
+        mu = self.cfg.train.prox_mu
+        names = set(self.global_names())
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names} if mu else {}
+
+        def loss(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
+            parts = {"seg": self._seg(logits, masks)}
+            parts["loss"] = parts["seg"]
+            if mu:
+                current = {n: p for n, p in self.model.named_parameters() if n in names}
+                parts["prox"] = proximal_term(current, anchor)
+                parts["loss"] = parts["loss"] + mu * parts["prox"]
+            return parts
+
+        n = self.cfg.train.global_steps if steps is None else steps
+        return self._run("global", n, {ParamKind.GLOBAL}, loss, abort)
+
+    def run_joint_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+        """Ablation: global and local trained together on seg + balance (FedRep/FedPer-style)."""
+        bal = self.cfg.train.balance_weight
+
+        def loss(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self.model.forward_from_prefix(feats, boxes, use_experts=True).float()
+            parts = {"seg": self._seg(logits, masks), "balance": self.model.balance_loss().to(logits.device)}
+            parts["loss"] = parts["seg"] + bal * parts["balance"]
+            return parts
+
+        n = (self.cfg.train.local_steps + self.cfg.train.global_steps) if steps is None else steps
+        return self._run("joint", n, {ParamKind.GLOBAL, ParamKind.LOCAL}, loss, abort)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_logits(self, split: str, idx: list[int], which: str = "personalized") -> torch.Tensor:
+        s = self._split(split)
+        feats = self._prefix(s, idx).to(self.device)
+        boxes = s.boxes[idx].to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model.forward_from_prefix(feats, boxes, use_experts=(which == "personalized")).float()
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", which: str = "personalized") -> dict[str, float]:
+        """Mean Dice / HD95 of the personalized (experts on) or global (experts off) model."""
+        if which not in ("personalized", "global"):
+            raise ValueError(f"which must be 'personalized' or 'global', got {which!r}")
+        s = self._split(split)
+        self.model.eval()
+        rows = []
+        bs = self.cfg.train.batch_size
+        for start in range(0, len(s), bs):
+            idx = list(range(start, min(start + bs, len(s))))
+            probs = torch.sigmoid(self.predict_logits(split, idx, which)).cpu()
+            for j, i in enumerate(idx):
+                pred = probs[j, 0] > self.cfg.eval.threshold
+                rows.append(image_metrics(pred, s.masks[i, 0], tuple(s.valid[i].tolist()), self.cfg.eval.hd95))
+        return summarize(rows, self.cfg.eval.empty_dice)

@@ -1,0 +1,100 @@
+"""End to end: the tiny job variant through `nvflare simulator` (2 sites, 2 rounds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfedsam.config import load_config
+from pfedsam.jobs import make_variant
+from pfedsam.model import ParamKind, build_pfedsam
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sim")
+    job = make_variant("pfedsam-tiny", tmp / "jobs", ROOT / "jobs" / "pfedsam", extra={
+        "federation": {"keep_round_states": True, "export_format": "none"},
+        "data": {"synthetic_dir": str(tmp / "synthetic")},
+    })
+    ws = tmp / "ws"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return job, ws, log
+
+
+def test_job_completes_with_report(tiny_run):
+    _, ws, log = tiny_run
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    for entry in report["rounds"]:
+        assert set(entry["sites"]) == {"site-1", "site-2"}
+        assert all(c["accepted"] for c in entry["sites"].values())
+        assert entry["wall_time_s"] > 0
+    assert set(report["final"]) == {"site-1", "site-2"}
+    for r in report["final"].values():
+        assert 0.0 <= r["personalized"]["dice"] <= 1.0 and 0.0 <= r["global"]["dice"] <= 1.0
+    assert (ws / "server" / "simulate_job" / "report.md").is_file()
+    assert "Traceback" not in log
+
+
+def test_only_global_names_were_received(tiny_run):
+    job, ws, _ = tiny_run
+    model = build_pfedsam(load_config(job / "app" / "config" / "pfedsam.yaml"))
+    global_names, local_names = set(model.registry.names(ParamKind.GLOBAL)), set(model.registry.names(ParamKind.LOCAL))
+    assert local_names
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    for entry in report["rounds"]:
+        for c in entry["sites"].values():
+            assert set(c["param_names"]) == global_names
+            assert not set(c["param_names"]) & local_names
+
+
+def test_local_state_changed_between_rounds(tiny_run):
+    _, ws, _ = tiny_run
+    for site in ("site-1", "site-2"):
+        folder = ws / site / "simulate_job" / f"app_{site}"
+        r0 = torch.load(folder / "local_states" / "round_0.pt", weights_only=True)["local"]
+        r1 = torch.load(folder / "local_states" / "round_1.pt", weights_only=True)["local"]
+        assert r0.keys() == r1.keys()
+        assert any(not torch.equal(r0[k], r1[k]) for k in r0)
+        assert (folder / "pfedsam_local_state.pt").is_file()
+
+
+def test_global_is_weighted_mean_of_what_sites_sent(tiny_run):
+    _, ws, _ = tiny_run
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    for entry in report["rounds"]:
+        rnd = entry["round"]
+        sent, steps = {}, {}
+        for site in ("site-1", "site-2"):
+            with np.load(ws / site / "simulate_job" / f"app_{site}" / "sent" / f"round_{rnd}.npz") as data:
+                sent[site] = {k: data[k] for k in data.files}
+            steps[site] = entry["sites"][site]["num_steps"]
+        with np.load(ws / "server" / "simulate_job" / "global_rounds" / f"round_{rnd}.npz") as data:
+            aggregated = {k: data[k] for k in data.files}
+        total = sum(steps.values())
+        assert set(aggregated) == set(sent["site-1"])
+        for name, value in aggregated.items():
+            expected = sum(sent[s][name].astype(np.float64) * steps[s] / total for s in sent)
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tensorboard_events_written(tiny_run):
+    _, ws, _ = tiny_run
+    events = list((ws / "server" / "simulate_job" / "tb_events").rglob("events.out.tfevents.*"))
+    assert len(events) >= 2
