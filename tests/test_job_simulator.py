@@ -98,3 +98,21 @@ def test_tensorboard_events_written(tiny_run):
     _, ws, _ = tiny_run
     events = list((ws / "server" / "simulate_job" / "tb_events").rglob("events.out.tfevents.*"))
     assert len(events) >= 2
+
+
+def test_fp16_compression_halves_the_bytes(tmp_path):
+    job = make_variant("pfedsam-tiny", tmp_path / "jobs", ROOT / "jobs" / "pfedsam", extra={
+        "federation": {"rounds": 1, "compression": "fp16", "export_format": "none"},
+        "data": {"synthetic_dir": str(tmp_path / "synthetic")},
+    })
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    fp32_bytes = report["job"]["global_bytes_fp32"]
+    for c in report["rounds"][0]["sites"].values():
+        assert c["accepted"]
+        assert c["bytes_received"] == fp32_bytes // 2
