@@ -13,11 +13,11 @@ from ..config import PFedSAMConfig
 
 def synthetic_root(cfg: PFedSAMConfig) -> Path:
     """The synthetic multi-site set for ``cfg``, generated on first use (safe across processes)."""
-    from .synth import write_synthetic_sites
+    from .synth import LAYOUT_VERSION, write_synthetic_sites
 
     d = cfg.data
     base = Path(d.synthetic_dir).expanduser()
-    root = base / f"synthetic-s{d.synthetic_sites}-n{d.synthetic_per_site}-seed{cfg.train.seed}"
+    root = base / f"synthetic-v{LAYOUT_VERSION}-s{d.synthetic_sites}-n{d.synthetic_per_site}-seed{cfg.train.seed}"
     if (root / "manifest.json").is_file():
         return root
     base.mkdir(parents=True, exist_ok=True)

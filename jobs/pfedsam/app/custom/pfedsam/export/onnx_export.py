@@ -243,7 +243,8 @@ def export_model(
     size = resolved_image_size(cfg)
     normalization = normalization_of(cfg.backbone)
     was_training = model.training
-    model = model.cpu().eval()
+    device = next(model.parameters()).device
+    model = model.cpu().eval()  # exported on the CPU; the caller's device and mode are restored below
     image, box = example_inputs(size, normalization)
     timings: dict[str, float] = {}
     try:
@@ -266,7 +267,7 @@ def export_model(
             verification = verify_export(out, model, prompt, normalization, cfg.eval.threshold)
             timings["verify_s"] = time.perf_counter() - start
     finally:
-        model.train(was_training)
+        model.train(was_training).to(device)
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
              for name in (ENCODER_FILE, DECODER_FILE)}
     emb_shape = [int(d) for d in emb.shape]

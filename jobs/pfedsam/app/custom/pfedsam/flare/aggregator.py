@@ -15,7 +15,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 from .aggregation import check_contribution, weighted_mean
-from .common import CONFIG_FILE, METRICS_KEY, job_config, model_facts, run_dir
+from .common import CONFIG_FILE, METRICS_KEY, WIRE_BYTES_KEY, job_config, model_facts, run_dir
 from .report import RunReport
 
 
@@ -88,13 +88,14 @@ class GlobalWeightsAggregator(Aggregator):
         site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
         current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        reason, weights, steps, metrics = None, {}, None, {}
+        reason, weights, steps, metrics, dxo_meta = None, {}, None, {}, {}
         try:
             dxo = from_shareable(shareable)
         except Exception as exc:  # not a DXO at all
             reason = f"result is not a DXO: {exc}"
         else:
             weights = dxo.data or {}
+            dxo_meta = dxo.meta or {}
             steps = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
             metrics = dxo.get_meta_prop(METRICS_KEY) or {}
             if dxo.data_kind != DataKind.WEIGHTS:
@@ -114,7 +115,8 @@ class GlobalWeightsAggregator(Aggregator):
             self.log_warning(fl_ctx, f"round {current}: REJECTED contribution from {site}: {reason}")
         report = self._report(fl_ctx)
         if report is not None and current is not None:
-            report.add_contribution(int(current), site, list(weights), _wire_bytes(weights), metrics, accepted,
+            nbytes = dxo_meta.get(WIRE_BYTES_KEY) or _wire_bytes(weights)
+            report.add_contribution(int(current), site, list(weights), nbytes, metrics, accepted,
                                     reason, steps if isinstance(steps, (int, float)) else None)
         return accepted
 

@@ -15,6 +15,7 @@ from ..model import ParamKind, build_pfedsam, global_state
 CONFIG_FILE = "pfedsam.yaml"
 METRICS_KEY = "pfedsam_metrics"  # DXO meta key of the per-round metrics a site reports
 FP16_KEY = "pfedsam_fp16"  # DXO meta key naming the arrays quantized to float16 on the wire
+WIRE_BYTES_KEY = "pfedsam_wire_bytes"  # DXO meta key: array bytes as received, before dequantizing
 
 
 def job_config(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> PFedSAMConfig:
@@ -59,3 +60,24 @@ def model_facts(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> ModelFacts
                 initial_global={k: v.float().numpy() for k, v in global_state(model).items()},
             )
         return _FACTS[key]
+
+
+def check_shipped_code(fl_ctx: FLContext) -> str:
+    """Fail when an installed pfedsam shadows a *different* copy shipped in the job's app/custom.
+
+    FLARE appends app/custom to sys.path, so an installed package of the same name wins. When it
+    is the same code (the editable install of the repo the job came from) that is harmless; when
+    it differs, a site would silently run other code than the job was built with.
+    """
+    from .. import jobs
+
+    imported = Path(jobs.PACKAGE_DIR)
+    shipped = Path(fl_ctx.get_engine().get_workspace().get_app_custom_dir(fl_ctx.get_job_id())) / "pfedsam"
+    if not shipped.is_dir() or shipped.resolve() == imported.resolve():
+        return f"pfedsam from {imported}"
+    if jobs.package_digest(imported) != jobs.package_digest(shipped):
+        raise RuntimeError(
+            f"the pfedsam package installed at {imported} differs from the copy shipped with this job "
+            f"({shipped}) and shadows it; uninstall it (pip uninstall pfedsam-flare) or install the job's version"
+        )
+    return f"pfedsam from {imported} (same code as the job's copy)"

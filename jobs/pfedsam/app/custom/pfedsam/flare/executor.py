@@ -24,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..config import PFedSAMConfig
 from ..train import SiteTrainer
-from .common import CONFIG_FILE, METRICS_KEY, app_dir, job_config
+from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config
 from .persistor import save_weights
 
 LOCAL_STATE_FILE = "pfedsam_local_state.pt"
@@ -79,6 +79,7 @@ class PFedSAMExecutor(Executor):
     # -- setup -------------------------------------------------------------------------------------------
     def _trainer(self, fl_ctx: FLContext) -> SiteTrainer:
         if self.trainer is None:
+            self.log_info(fl_ctx, check_shipped_code(fl_ctx))
             cfg = job_config(fl_ctx, self.config_file)
             settings = site_settings(fl_ctx)
             if "device" in settings:
@@ -190,7 +191,6 @@ class PFedSAMExecutor(Executor):
         results["personalized"] = trainer.evaluate("test", "personalized")
         folder = app_dir(fl_ctx) / "personalized_model"
         trainer.save_model(folder, {"round": cfg.federation.rounds, "mode": cfg.federation.mode})
-        results["model_dir"] = str(folder)
         results["export"] = "none"
         if cfg.federation.export_format == "onnx":
             try:
@@ -199,8 +199,8 @@ class PFedSAMExecutor(Executor):
                 export_onnx(folder, app_dir(fl_ctx) / "export")
                 results["export"] = "onnx"
             except Exception as exc:  # training results still count when export fails
-                results["export"] = f"failed: {exc}"
-                self.log_error(fl_ctx, f"ONNX export failed: {exc}")
+                results["export"] = "failed"  # the reason stays in this site's log
+                self.log_error(fl_ctx, f"ONNX export failed: {exc}\n{traceback.format_exc()}")
         self._log(fl_ctx, {f"test_dice_{w}": results[w]["dice"] for w in ("personalized", "global")},
                   cfg.federation.rounds)
         self.log_info(fl_ctx, f"final test Dice personalized {results['personalized']['dice']:.4f} "

@@ -25,7 +25,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
+        if math.isnan(value):
+            return "nan"
+        return str(int(value)) if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"
     return "-" if value is None else str(value)
 
 

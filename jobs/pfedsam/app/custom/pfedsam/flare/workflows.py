@@ -66,7 +66,7 @@ class FinalEvaluation(ResponseProcessor):
             self.log_error(fl_ctx, f"{client.name}: final evaluation failed ({response.get_return_code()})")
             if writer:
                 writer.report.add_final(client.name, {"error": str(response.get_return_code())})
-            return False
+            return True  # recorded; one failing site must not abort the others' final results
         results = from_shareable(response).data
         if writer:
             writer.report.add_final(client.name, results)
