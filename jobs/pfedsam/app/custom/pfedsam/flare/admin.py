@@ -439,7 +439,7 @@ def cmd_submit(a) -> int:
         if sets:
             tmp = Path(tempfile.mkdtemp(prefix="pfedsam-job-"))
             job = job_with_overrides(job, sets, tmp)
-            _log("server config overrides: " + ", ".join(f"{k}={v!r}" for k, v in sets.items()))
+            _log("config overrides: " + ", ".join(f"{k}={v!r}" for k, v in sets.items()))
         check_sites(conn.sess, job)
         t0 = time.time()
         try:
