@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,36 @@ def test_fp16_compression_halves_the_bytes(tmp_path):
     for c in report["rounds"][0]["sites"].values():
         assert c["accepted"]
         assert c["bytes_received"] == fp32_bytes // 2
+
+
+def _simulate(job: Path, ws: Path, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_resume_from_an_interrupted_job(tmp_path):
+    """A job stopped after round 0 is continued by a new job: last global, same round count, own L-MoE."""
+    common = {"data": {"synthetic_dir": str(tmp_path / "synthetic")}}
+    first = make_variant("pfedsam-tiny", tmp_path / "a", ROOT / "jobs" / "pfedsam", extra={
+        **common, "federation": {"rounds": 1, "export_format": "none"}})
+    _simulate(first, tmp_path / "ws1", tmp_path)
+    ws, archive = tmp_path / "ws2", tmp_path / "old_job"
+    for part in ("server", "site-1", "site-2"):  # the interrupted job's run folders, one per participant
+        shutil.copytree(tmp_path / "ws1" / part / "simulate_job", archive / part)
+    second = make_variant("pfedsam-tiny", tmp_path / "b", ROOT / "jobs" / "pfedsam", extra={
+        **common, "federation": {"rounds": 2, "export_format": "none", "resume_from": str(archive)}})
+    log = _simulate(second, ws, tmp_path)
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1]
+    assert "old_job/server/global_model.npz" in log
+    assert log.count("resumed this site's L-MoE state from") == 2
+    old = dict(np.load(archive / "server" / "global_model.npz"))
+    saved = sorted((ws / "server" / "simulate_job" / "global_rounds").glob("*.npz"))
+    assert [p.name for p in saved] == ["round_1.npz"]
+    new = dict(np.load(saved[0]))
+    assert any(not np.array_equal(old[k], new[k]) for k in old)  # training went on from there

@@ -14,7 +14,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
-from .common import CONFIG_FILE, model_facts, run_dir
+from .common import CONFIG_FILE, job_config, model_facts, resumed_run_dir, run_dir
 
 GLOBAL_FILE = "global_model.npz"
 BEST_FILE = "best_global_model.npz"
@@ -56,8 +56,11 @@ class GlobalModelPersistor(ModelPersistor):
         self.keep_rounds = keep_rounds
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
-        latest = run_dir(fl_ctx) / GLOBAL_FILE
-        if latest.is_file():  # a restarted server job continues from its last saved global model
+        resume = job_config(fl_ctx, self.config_file).federation.resume_from
+        latest = (resumed_run_dir(fl_ctx, resume) if resume else run_dir(fl_ctx)) / GLOBAL_FILE
+        if resume and not latest.is_file():
+            raise FileNotFoundError(f"federation.resume_from: job '{resume}' saved no {GLOBAL_FILE}")
+        if latest.is_file():  # continue from the last saved global parameters
             self.log_info(fl_ctx, f"resuming global parameters from {latest}")
             weights = load_weights(latest)
         else:

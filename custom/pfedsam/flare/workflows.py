@@ -14,7 +14,7 @@ from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProce
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
 from .aggregator import ReportWriter
-from .common import CONFIG_FILE, job_config, run_dir
+from .common import CONFIG_FILE, completed_rounds, job_config, resumed_run_dir, run_dir
 from .persistor import GLOBAL_FILE, load_weights
 
 
@@ -34,6 +34,11 @@ class PFedSAMScatterAndGather(ScatterAndGather):
     def start_controller(self, fl_ctx: FLContext) -> None:
         fed = job_config(fl_ctx, self.config_file).federation
         self._num_rounds = fed.rounds
+        if fed.resume_from:  # continue the interrupted job's round numbering up to the same total
+            self._start_round = completed_rounds(resumed_run_dir(fl_ctx, fed.resume_from))
+            self._num_rounds = fed.rounds - self._start_round
+            if self._num_rounds <= 0:
+                raise ValueError(f"job '{fed.resume_from}' already finished all {fed.rounds} rounds")
         self._min_clients = fed.min_clients
         self._wait_time_after_min_received = fed.wait_after_min_s
         self._train_timeout = fed.task_timeout_s

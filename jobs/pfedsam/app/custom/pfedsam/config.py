@@ -154,6 +154,9 @@ class FederationConfig:
         results of a round (or of the final evaluation) are in.
       task_timeout_s (int): seconds a site may take for one task before the server stops
         waiting for it; 0 = no limit.
+      resume_from (str|None): id of an interrupted job of this same setup to continue: the server
+        starts from that job's last saved global parameters and round, every site from its own
+        saved L-MoE state (FLARE 2.9 cannot resume a job whose server restarted).
       keep_round_states (bool): keep every round's global state at the server and, at each
         site, what it sent and its L-MoE state per round (audits and tests; costs disk).
     """
@@ -167,6 +170,7 @@ class FederationConfig:
     wait_after_min_s: int = 10
     task_timeout_s: int = 0
     keep_round_states: bool = False
+    resume_from: str | None = None
 
 
 @dataclass

@@ -81,3 +81,27 @@ def check_shipped_code(fl_ctx: FLContext) -> str:
             f"({shipped}) and shadows it; uninstall it (pip uninstall pfedsam-flare) or install the job's version"
         )
     return f"pfedsam from {imported} (same code as the job's copy)"
+
+
+def resumed_run_dir(fl_ctx: FLContext, resume_from: str) -> Path:
+    """The run folder of an earlier job on this participant.
+
+    ``resume_from`` is a job id (its folder ``<workspace root>/<job id>`` on every participant),
+    or an absolute path to an archive holding one such folder per participant, named
+    ``server`` for the server and by site name for the sites.
+    """
+    if Path(resume_from).is_absolute():
+        name = "server" if fl_ctx.get_engine().get_workspace().site_name in ("server", "simulator_server") \
+            else fl_ctx.get_identity_name()
+        folder = Path(resume_from) / name
+    else:
+        folder = Path(fl_ctx.get_engine().get_workspace().get_run_dir(resume_from))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"federation.resume_from: no run folder {folder} of '{resume_from}' here")
+    return folder
+
+
+def completed_rounds(server_run_dir: Path) -> int:
+    """Rounds an earlier job finished, from the per-round global files its persistor kept."""
+    done = [int(p.stem.split("_")[1]) for p in (server_run_dir / "global_rounds").glob("round_*.npz")]
+    return max(done) + 1 if done else 0

@@ -24,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..config import PFedSAMConfig
 from ..train import SiteTrainer
-from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config
+from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config, resumed_run_dir
 from .persistor import save_weights
 
 LOCAL_STATE_FILE = "pfedsam_local_state.pt"
@@ -130,6 +130,11 @@ class PFedSAMExecutor(Executor):
             trainer.set_global_state(incoming)
         if trainer.load_local_state(folder / LOCAL_STATE_FILE):
             self.log_info(fl_ctx, "resumed this site's L-MoE state")
+        elif self.cfg.federation.resume_from:  # first round of a resumed job: the old job's L-MoE
+            old = resumed_run_dir(fl_ctx, self.cfg.federation.resume_from) / folder.name / LOCAL_STATE_FILE
+            if not trainer.load_local_state(old):
+                raise FileNotFoundError(f"federation.resume_from: no saved L-MoE state {old} at this site")
+            self.log_info(fl_ctx, f"resumed this site's L-MoE state from {old}")
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
