@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_job(args: argparse.Namespace) -> int:
     """Refresh jobs/pfedsam's code copy, or write a variant job folder."""
-    from .config import parse_override
+    from .config import merge_overrides, parse_override
     from .jobs import VARIANTS, make_variant, sync_job
 
     if args.action == "sync":
@@ -102,10 +102,8 @@ def cmd_job(args: argparse.Namespace) -> int:
             print(f"{name:16s} {json.dumps(override)}")
         return 0
     extra: dict = {}
-    from .config import _merge
-
     for text in args.set or []:
-        extra = _merge(extra, parse_override(text))
+        extra = merge_overrides(extra, parse_override(text))
     for name in args.variants:
         print(f"wrote {make_variant(name, args.out, args.job, extra)}")
     return 0

@@ -336,11 +336,12 @@ def config_from_dict(raw: dict[str, Any] | None, where: str = "config") -> PFedS
     return validate(_build(PFedSAMConfig, raw or {}, where, ""), where)
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested mapping ``override`` merged onto a copy of ``base`` (``data.sites`` is replaced whole)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "sites":
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
@@ -384,10 +385,10 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
     if isinstance(overrides, dict):
-        raw = _merge(raw, overrides)
+        raw = merge_overrides(raw, overrides)
     else:
         for text in overrides or []:
-            raw = _merge(raw, parse_override(text))
+            raw = merge_overrides(raw, parse_override(text))
     return config_from_dict(raw, where)
 
 
