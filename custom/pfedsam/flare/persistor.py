@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +12,7 @@ from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
+from ..fileio import atomic_write
 from .common import CONFIG_FILE, job_config, model_facts, resumed_run_dir, run_dir
 
 GLOBAL_FILE = "global_model.npz"
@@ -22,15 +21,7 @@ BEST_FILE = "best_global_model.npz"
 
 def save_weights(path: Path, weights: dict[str, np.ndarray]) -> None:
     """Atomic .npz write (a crash never leaves a half-written global model)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **weights)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: np.savez(tmp, **weights), suffix=".npz")
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:

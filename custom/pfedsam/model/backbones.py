@@ -9,7 +9,6 @@ checkpoints are files the user gives by path.
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -245,11 +244,3 @@ def backbone_fingerprint(name: str, checkpoint: str | Path | None, image_size: i
 def embedding_side(sam: Sam) -> int:
     """Side of the image embedding the decoder sees (64 for LiteMedSAM and SAM at 1024)."""
     return int(sam.prompt_encoder.image_embedding_size[0])
-
-
-def low_res_side(sam: Sam) -> int:
-    return 4 * embedding_side(sam)
-
-
-def is_square(n: int) -> bool:
-    return int(math.isqrt(n)) ** 2 == n

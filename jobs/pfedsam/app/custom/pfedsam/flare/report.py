@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+from ..fileio import atomic_write
 
 
 def _fmt(value: Any) -> str:
@@ -103,8 +95,10 @@ class RunReport:
     def write(self, folder: str | Path) -> Path:
         folder = Path(folder)
         self.data["written"] = time.time()
-        _atomic_write(folder / "report.json", json.dumps(self.data, indent=1, default=str))
-        _atomic_write(folder / "report.md", self.to_markdown())
+        text = json.dumps(self.data, indent=1, default=str)
+        atomic_write(folder / "report.json", lambda tmp: Path(tmp).write_text(text))
+        markdown = self.to_markdown()
+        atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text(markdown))
         return folder / "report.json"
 
 
@@ -116,11 +110,3 @@ def final_means(final: dict[str, Any]) -> dict[str, float]:
         if values:
             out[which] = float(sum(values) / len(values))
     return out
-
-
-def final_table(report: dict[str, Any]) -> str:
-    """The final per-site table of a report.json (for the admin tool and the CLI)."""
-    rr = RunReport()
-    rr.data = report
-    text = rr.to_markdown()
-    return text[text.index("## Final"):] if "## Final" in text else "report.json has no final results yet\n"

@@ -7,14 +7,13 @@ backbone's own checkpoint named in the config.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ConfigError, PFedSAMConfig, dump_config, load_config
+from ..fileio import atomic_write
 from .pfedsam import PFedSAM, build_pfedsam
 from .registry import global_state, load_global_state, load_local_state, local_state
 
@@ -24,16 +23,7 @@ WEIGHTS_FILE = "weights.pt"
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, then rename over ``path`` (never torn)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_site_model(

@@ -11,12 +11,12 @@ round and site without ever serving stale features.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ..model.checkpoint import atomic_torch_save
 
 
 class FeatureCache:
@@ -70,13 +70,8 @@ class FeatureCache:
 
     def _write(self, key: str, value: torch.Tensor) -> None:
         self._memory[key] = value
-        if self.mode == "disk":
-            path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            torch.save(value, tmp)
-            os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
+        if self.mode == "disk":  # atomic: concurrent readers never see a partial file
+            atomic_torch_save(value, self._path(key))
 
     def features(
         self,
