@@ -4,12 +4,20 @@ Every federated method is a job variant (``pfedsam job list``) run through the F
 simulator with one client per site (named after the site folder). Two rows need no
 federation: ``zero-shot`` (the pretrained backbone with ground-truth box prompts, a
 reference) and ``centralized`` (one model trained on the pooled training images of all
-sites with the same total number of steps, a ceiling). All rows share one disk cache of the
-frozen encoder's features, keyed by image content, backbone and preprocessing.
+sites with the same total number of global steps, a ceiling). All rows share one disk cache
+of the frozen encoder's features, keyed by image content, backbone and preprocessing.
 
     python benchmarks/run.py --data-root ../shared/data/polyp --out results/polyp
 
-writes ``results.json``, ``results.md`` and PNG plots into ``--out``.
+Rows accumulate in ``--out/results.json`` keyed by (method, prompt, seed): a row already
+there with the same budget is not run again (``--force`` reruns it), so the main table, the
+extra seeds, the box-prompt table and the unseen-site experiment can be separate calls
+(``benchmarks/polyp.sh`` makes all of them). Every call rewrites ``results.md`` and the plots.
+
+Unseen sites (``--unseen a,b,c``): for each listed centre, pFedSAM is trained on all other
+centres; the left-out centre is then scored with the global model, after a short local
+adaptation of a fresh L-MoE (distilled from that global model), and, for comparison, after
+fine-tuning the global parameters themselves for the same number of steps.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -33,114 +40,163 @@ sys.path.insert(0, str(ROOT / "custom"))
 
 from pfedsam.config import load_config  # noqa: E402
 from pfedsam.data import discover_sites, load_split  # noqa: E402
-from pfedsam.jobs import make_variant  # noqa: E402
+from pfedsam.jobs import make_variant, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer  # noqa: E402
 
-FEDERATED = ["local", "fedavg", "fedavg-ft", "fedprox", "pfedsam", "pfedsam-nokd", "pfedsam-nolmoe", "pfedsam-joint"]
+MAIN_JOB = ROOT / "jobs" / "pfedsam"
+FEDERATED = ["pfedsam", "fedavg", "local", "ditto", "fedavg-ft", "fedprox", "pfedsam-nokd", "pfedsam-nolmoe",
+             "pfedsam-joint"]
+BUDGET_KEYS = ("data_root", "rounds", "local_steps", "global_steps", "max_train", "max_eval", "device")
+EMPTY_MASK_RULE = ("truth and prediction both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the "
+                   "diagonal of the image's valid (unpadded) region at model resolution")
 
 
-def settings(args: argparse.Namespace, sites: list[str]) -> dict:
+def budget(args: argparse.Namespace) -> dict:
+    return {k: str(getattr(args, k)) for k in BUDGET_KEYS}
+
+
+def settings(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+    """YAML overrides shared by every row: data, budget, seed, prompt, one feature cache."""
     return {
-        "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval,
-                 "sites": {}},
+        "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval, "sites": {}},
         "train": {"cache": "disk", "cache_dir": str(args.out / "feature_cache"), "local_steps": args.local_steps,
-                  "global_steps": args.global_steps, "seed": args.seed, "device": args.device},
+                  "global_steps": args.global_steps, "seed": seed, "device": args.device},
         "federation": {"rounds": args.rounds, "min_clients": len(sites), "export_format": "none",
                        "wait_after_min_s": 0},
-        "prompt": args.prompt,
+        "prompt": prompt,
         "eval": {"hd95": True},
     }
 
 
-def run_federated(method: str, args: argparse.Namespace, sites: list[str]) -> dict:
-    job = make_variant(method, args.out / "jobs", ROOT / "jobs" / "pfedsam", extra=settings(args, sites))
-    ws = args.out / "workspaces" / method
+def simulate(method: str, tag: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+    """Run job variant ``method`` in the simulator; returns the server report and process facts."""
+    job = make_variant(method, args.out / "jobs" / tag, MAIN_JOB, extra=settings(args, sites, seed, prompt))
+    ws = args.out / "workspaces" / tag
+    log = args.out / "logs" / f"{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-c", ",".join(sites),
+           "-t", str(min(args.threads, len(sites)))]
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-c", ",".join(sites),
-         "-t", str(args.threads)],
-        capture_output=True, text=True, cwd=args.out,
-    )
-    wall = time.perf_counter() - start
-    (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    (args.out / "logs" / f"{method}.log").write_text(proc.stdout + proc.stderr)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=args.out)
+        # wait4: ru_maxrss of the simulator and the site processes it reaped, for this run only
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    facts = {"wall_s": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024, "workspace": str(ws)}
     report_path = ws / "server" / "simulate_job" / "report.json"
     if proc.returncode != 0 or not report_path.is_file():
-        return {"method": method, "error": f"simulator exit {proc.returncode}; see logs/{method}.log"}
-    report = json.loads(report_path.read_text())
+        raise RuntimeError(f"simulator exit {proc.returncode}; see {log}")
+    return {"report": json.loads(report_path.read_text()), **facts}
+
+
+def run_federated(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+    run = simulate(method, f"{method}-{prompt}-s{seed}", args, sites, seed, prompt)
+    report = run.pop("report")
+    missing = sorted(set(sites) - {s for s, r in report["final"].items() if "personalized" in r})
+    if missing:
+        raise RuntimeError(f"no final result from {missing}; see logs/{method}-{prompt}-s{seed}.log")
     per_site = {s: {"dice": r["personalized"]["dice"], "hd95": r["personalized"]["hd95"],
-                    "global_dice": r["global"]["dice"]} for s, r in report["final"].items() if "personalized" in r}
+                    "global_dice": r["global"]["dice"], "global_hd95": r["global"]["hd95"]}
+                for s, r in report["final"].items()}
     rounds = report["rounds"]
-    bytes_per_round = [np.mean([c["bytes_received"] for c in e["sites"].values()]) for e in rounds]
-    curve = [float(np.mean([c["metrics"].get("val_dice_personalized", np.nan) for c in e["sites"].values()]))
-             for e in rounds]
-    return {"method": method, "per_site": per_site, "wall_s": wall,
+    sent = [c["bytes_received"] for e in rounds for c in e["sites"].values()]
+
+    def site_mean(key: str) -> list[float]:
+        return [float(np.mean([c["metrics"][key] for c in e["sites"].values() if key in c["metrics"]]))
+                for e in rounds]
+
+    return {"per_site": per_site, **run,
             "round_wall_s": float(np.mean([e["wall_time_s"] for e in rounds])),
-            "bytes_per_round_per_site": float(np.mean(bytes_per_round)) if method != "local" else 0.0,
-            "val_dice_curve": curve,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            # mode 'local' sends the same bytes (FLARE needs a result) but the server ignores them
+            "bytes_per_round_per_site": float(np.mean(sent)) if method != "local" else 0.0,
+            "val_dice_curve": site_mean("val_dice_personalized"),
+            "train_images_per_s": float(np.mean(site_mean("train_images_per_s")))}
 
 
-def _trainer(args: argparse.Namespace, site: str, overrides: list[str], workdir: Path) -> SiteTrainer:
-    cfg = load_config(overrides=[
-        f"prompt={args.prompt}", f"data.max_train={args.max_train}", f"data.max_eval={args.max_eval}",
-        "train.cache=disk", f"train.cache_dir={args.out / 'feature_cache'}", f"train.seed={args.seed}",
-        f"train.device={args.device}", *overrides,
-    ])
-    return SiteTrainer(cfg, site, site_dir=args.data_root / site, workdir=workdir)
+def trainer_for(method: str, args: argparse.Namespace, site: str, seed: int, prompt: str, workdir: Path,
+                site_dir: Path | None = None, all_images: bool = False) -> SiteTrainer:
+    """An in-process site with exactly the settings job variant ``method`` would use."""
+    cfg = variant_config(method, MAIN_JOB, settings(args, [site], seed, prompt))
+    if all_images:  # the pooled site: already limited per centre
+        cfg.data.max_train = cfg.data.max_eval = 0
+    return SiteTrainer(cfg, site, site_dir=site_dir or args.data_root / site, workdir=workdir)
 
 
-def run_zero_shot(args: argparse.Namespace, sites: list[str]) -> dict:
+def score(trainer: SiteTrainer, which: str = "global") -> dict:
+    r = trainer.evaluate("test", which)
+    return {"dice": r["dice"], "hd95": r["hd95"]}
+
+
+def run_zero_shot(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
     """The pretrained backbone, no training, ground-truth box prompts (a reference, not a method)."""
     per_site = {}
     for site in sites:
-        t = _trainer(args, site, ["prompt=box"], args.out / "work" / "zero-shot")
-        r = t.evaluate("test", "global")
-        per_site[site] = {"dice": r["dice"], "hd95": r["hd95"], "global_dice": r["dice"]}
-    return {"method": "zero-shot (box prompt)", "per_site": per_site, "bytes_per_round_per_site": 0.0}
+        t = trainer_for("fedavg", args, site, seed, "box", args.out / "work" / "zero-shot")
+        per_site[site] = {**score(t), "global_dice": None}
+    return {"per_site": per_site, "bytes_per_round_per_site": 0.0}
 
 
-def run_centralized(args: argparse.Namespace, sites: list[str]) -> dict:
-    """One model on the pooled training images (symlinks in a temp folder), same total steps."""
+def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+    """One model on the pooled training images (symlinks in a temp folder), same total global steps."""
     with tempfile.TemporaryDirectory() as tmp:
         pooled = Path(tmp) / "pooled"
         (pooled / "images").mkdir(parents=True)
         (pooled / "masks").mkdir()
-        split = {"train": [], "val": [], "test": []}
+        split: dict[str, list[str]] = {"train": [], "val": [], "test": []}
         for site in sites:
-            s = load_split(args.data_root / site, seed=args.seed)
+            s = load_split(args.data_root / site, seed=seed)
             for name, limit in (("train", args.max_train), ("val", args.max_eval)):
                 for i in s[name][:limit] if limit else s[name]:
                     for sub in ("images", "masks"):
                         src = next((args.data_root / site / sub).glob(f"{i}.*"))
                         os.symlink(src, pooled / sub / f"{site}__{src.name}")
                     split[name].append(f"{site}__{i}")
-        split["test"] = split["val"][:1]  # the per-site test splits are evaluated below
+        split["test"] = [split["val"].pop()]  # unused: the per-site test splits are scored below
         (pooled / "split.json").write_text(json.dumps(split))
         start = time.perf_counter()
-        cfg_over = ["lmoe.num_experts=0", "train.kd_weight=0"]
-        pool = SiteTrainer(load_config(overrides=[
-            f"prompt={args.prompt}", "train.cache=disk", f"train.cache_dir={args.out / 'feature_cache'}",
-            f"train.seed={args.seed}", f"train.device={args.device}", *cfg_over]), "pooled", site_dir=pooled,
-            workdir=args.out / "work" / "centralized")
-        pool.run_global_phase(args.rounds * args.global_steps * len(sites))
+        pool = trainer_for("fedavg", args, "pooled", seed, prompt, args.out / "work" / "centralized", pooled, True)
+        steps = args.rounds * args.global_steps * len(sites)
+        stats = pool.run_global_phase(steps)
         state = pool.get_global_state()
-        per_site = {}
-        for site in sites:
-            t = _trainer(args, site, cfg_over, args.out / "work" / "centralized")
-            t.set_global_state(state)
-            r = t.evaluate("test", "global")
-            per_site[site] = {"dice": r["dice"], "hd95": r["hd95"], "global_dice": r["dice"]}
-    return {"method": "centralized (pooled)", "per_site": per_site, "wall_s": time.perf_counter() - start,
-            "bytes_per_round_per_site": float("nan")}
+        wall = time.perf_counter() - start
+    per_site = {}
+    for site in sites:
+        t = trainer_for("fedavg", args, site, seed, prompt, args.out / "work" / "centralized")
+        t.set_global_state(state)
+        per_site[site] = {**score(t), "global_dice": None}
+    return {"per_site": per_site, "wall_s": wall, "bytes_per_round_per_site": float("nan"),
+            "train_images_per_s": stats["steps"] * pool.cfg.train.batch_size / stats["seconds"]}
+
+
+def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+    """Train pFedSAM on every other centre, then score ``centre`` before and after local adaptation."""
+    train_sites = [s for s in sites if s != centre]
+    run = simulate("pfedsam", f"unseen-{centre}-{prompt}-s{seed}", args, train_sites, seed, prompt)
+    seen = {s: r["personalized"]["dice"] for s, r in run.pop("report")["final"].items() if "personalized" in r}
+    glob = dict(np.load(Path(run["workspace"]) / "server" / "simulate_job" / "global_model.npz"))
+    steps = args.rounds * args.local_steps
+    out = {"train_sites": train_sites, "adapt_steps": steps, **run,
+           "seen_sites_mean_dice": float(np.mean(list(seen.values())))}
+    work = args.out / "work" / f"unseen-{centre}"
+    t = trainer_for("pfedsam", args, centre, seed, prompt, work)
+    t.set_global_state(glob)
+    out["global"] = score(t, "global")
+    t.run_local_phase(steps)  # a fresh L-MoE (this site never trained one), KD from the global model
+    out["fresh_lmoe"] = score(t, "personalized")
+    t = trainer_for("fedavg", args, centre, seed, prompt, work)
+    t.set_global_state(glob)
+    t.run_global_phase(steps)  # comparison: fine-tune the global part itself for the same steps
+    out["finetune_global"] = score(t, "global")
+    return out
 
 
 def full_finetune_bytes() -> dict:
     """Bytes one site would send per round: full fine-tuning FedAvg vs pFedSAM's global part."""
     out = {}
     for backbone, size in (("litemedsam", 256), ("vit_b", 1024), ("vit_l", 1024), ("vit_h", 1024)):
-        model = build_pfedsam(load_config(overrides=[f"backbone={backbone}", f"image_size={size}"]))
+        model = build_pfedsam(load_config(path=MAIN_JOB / "app" / "config" / "pfedsam.yaml",
+                                          overrides=[f"backbone={backbone}", f"image_size={size}"]))
         counts = model.registry.counts(model)["params"]
         total = sum(counts.values())
         glob = counts[ParamKind.GLOBAL.value]
@@ -150,27 +206,87 @@ def full_finetune_bytes() -> dict:
     return out
 
 
-def markdown(results: dict) -> str:
-    rows = results["rows"]
+# -- report ---------------------------------------------------------------------------------------------
+def _rows(results: dict, prompt: str, seed: int | None = None) -> list[tuple[str, dict]]:
+    order = ["zero-shot", *FEDERATED, "centralized"]
+    rows = []
+    for key, r in results["rows"].items():
+        method, row_prompt, row_seed = key.split("|")
+        if (row_prompt == prompt or method == "zero-shot") and (seed is None or row_seed == f"seed{seed}"):
+            rows.append((method, r))
+    return sorted(rows, key=lambda kr: order.index(kr[0]) if kr[0] in order else len(order))
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def table(results: dict, prompt: str, seed: int) -> list[str]:
     sites = results["sites"]
-    head = "| method | " + " | ".join(sites) + " | mean Dice | mean HD95 | MB/round/site | s/round |"
-    lines = [head, "|" + "---|" * (len(sites) + 5)]
-    for r in rows:
+    head = ("| method | " + " | ".join(sites) + " | **mean Dice** | mean HD95 | mean global Dice | MB/round/site "
+            "| s/round | train img/s/site | peak RSS MB |")
+    lines = [head, "|" + "---|" * (len(sites) + 8)]
+    for method, r in _rows(results, prompt, seed):
         if "error" in r:
-            lines.append(f"| {r['method']} | " + " | ".join("-" for _ in sites) + f" | error: {r['error']} | | | |")
+            lines.append(f"| {method} | " + " | ".join("-" for _ in sites) + f" | error: {r['error']} |||||||")
             continue
-        dice = [r["per_site"].get(s, {}).get("dice", float("nan")) for s in sites]
-        hd = [r["per_site"].get(s, {}).get("hd95", float("nan")) for s in sites]
-        mb = r.get("bytes_per_round_per_site", float("nan")) / 1e6
-        lines.append(f"| {r['method']} | " + " | ".join(f"{d:.3f}" for d in dice)
-                     + f" | **{np.nanmean(dice):.3f}** | {np.nanmean(hd):.1f} | {mb:.2f} | "
-                     + f"{r.get('round_wall_s', float('nan')):.0f} |")
-    comm = ["", "| backbone | full FT fp32 MB | full FT fp16 MB | pFedSAM fp32 MB | pFedSAM fp16 MB |",
+        dice = [r["per_site"][s]["dice"] for s in sites]
+        hd = [r["per_site"][s]["hd95"] for s in sites]
+        gd = [r["per_site"][s].get("global_dice") for s in sites]
+        gmean = float(np.mean(gd)) if None not in gd else None
+        lines.append(f"| {method} | " + " | ".join(f"{d:.3f}" for d in dice)
+                     + f" | **{np.mean(dice):.3f}** | {np.mean(hd):.1f} | {_fmt(gmean, '.3f')} | "
+                     + f"{_fmt(r.get('bytes_per_round_per_site', float('nan')) / 1e6, '.2f')} | "
+                     + f"{_fmt(r.get('round_wall_s'), '.0f')} | {_fmt(r.get('train_images_per_s'), '.1f')} | "
+                     + f"{_fmt(r.get('peak_rss_mb'), '.0f')} |")
+    return lines
+
+
+def seeds_table(results: dict, prompt: str) -> list[str]:
+    by_method: dict[str, list[float]] = {}
+    for method, r in _rows(results, prompt):
+        if "per_site" in r:
+            by_method.setdefault(method, []).append(float(np.mean([v["dice"] for v in r["per_site"].values()])))
+    lines = ["| method | seeds | mean Dice (mean +- std over seeds) | per seed |", "|---|---|---|---|"]
+    for method, vals in by_method.items():
+        if len(vals) > 1:
+            lines.append(f"| {method} | {len(vals)} | {np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f} | "
+                         + ", ".join(f"{v:.3f}" for v in vals) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def unseen_table(results: dict) -> list[str]:
+    if not results.get("unseen"):
+        return []
+    lines = ["| left-out centre | global model | + fresh L-MoE (local adaptation) | + fine-tune global part "
+             "| adapt steps | seen centres' mean personalized Dice |", "|---|---|---|---|---|---|"]
+    for centre, u in results["unseen"].items():
+        if "error" in u:
+            lines.append(f"| {centre} | error: {u['error']} |||||")
+            continue
+        lines.append(f"| {centre} | {u['global']['dice']:.3f} | {u['fresh_lmoe']['dice']:.3f} | "
+                     f"{u['finetune_global']['dice']:.3f} | {u['adapt_steps']} | {u['seen_sites_mean_dice']:.3f} |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    out = [f"# Benchmark: {results['dataset']}", "", f"Budget: {json.dumps(results['budget'])}",
+           f"Hardware: {json.dumps(results['hardware'])}", f"Empty masks: {results['empty_mask_rule']}", "",
+           "## Main table (prompt-free, seed 0; Dice of each site's personalized model on its test split)", "",
+           *table(results, "none", 0)]
+    if seeds := seeds_table(results, "none"):
+        out += ["", "## Seeds (prompt-free)", "", *seeds]
+    if any(m != "zero-shot" for m, _ in _rows(results, "box")):
+        out += ["", "## Box prompts (seed 0)", "", *table(results, "box", 0)]
+    if unseen := unseen_table(results):
+        out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
+    out += ["", "## Communication per round per site (exact, from parameter counts)", "",
+            "| backbone | full FT fp32 MB | full FT fp16 MB | pFedSAM fp32 MB | pFedSAM fp16 MB |",
             "|---|---|---|---|---|"]
     for b, v in results["communication"].items():
-        comm.append(f"| {b} | {v['full_fp32'] / 1e6:.1f} | {v['full_fp16'] / 1e6:.1f} | "
-                    f"{v['pfedsam_fp32'] / 1e6:.2f} | {v['pfedsam_fp16'] / 1e6:.2f} |")
-    return "\n".join(lines + comm) + "\n"
+        out.append(f"| {b} | {v['full_fp32'] / 1e6:.1f} | {v['full_fp16'] / 1e6:.1f} | "
+                   f"{v['pfedsam_fp32'] / 1e6:.2f} | {v['pfedsam_fp16'] / 1e6:.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def plots(results: dict, out: Path) -> None:
@@ -179,70 +295,154 @@ def plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in results["rows"] if "per_site" in r]
+    rows = [(m, r) for m, r in _rows(results, "none", 0) if "per_site" in r]
     sites = results["sites"]
-    fig, ax = plt.subplots(figsize=(12, 4))
+    fig, ax = plt.subplots(figsize=(13, 4))
     width = 0.8 / max(len(rows), 1)
-    for k, r in enumerate(rows):
-        ax.bar(np.arange(len(sites)) + k * width, [r["per_site"].get(s, {}).get("dice", 0) for s in sites],
-               width, label=r["method"])
+    for k, (method, r) in enumerate(rows):
+        ax.bar(np.arange(len(sites)) + k * width, [r["per_site"][s]["dice"] for s in sites], width, label=method)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
     ax.set_ylabel("test Dice (personalized)")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out / "dice_per_site.png", dpi=100)
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
+    for method, r in rows:
         if r.get("val_dice_curve"):
-            ax.plot(range(len(r["val_dice_curve"])), r["val_dice_curve"], marker="o", label=r["method"])
+            ax.plot(range(len(r["val_dice_curve"])), r["val_dice_curve"], marker="o", label=method)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean val Dice (personalized, start of round)")
+    ax.set_ylabel("mean val Dice (personalized, after the local phase)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "dice_over_rounds.png", dpi=100)
+    plt.close(fig)
+
+
+def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_site: int = 2) -> None:
+    """image | ground truth | each method's personalized prediction, for the first test images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from pfedsam.export.predict import predict, read_rgb
+
+    rows = dict(_rows(results, "none", 0))
+    methods = [m for m in methods if "workspace" in rows.get(m, {})]
+    if not methods:
+        return
+    sites = results["sites"]
+    fig, axes = plt.subplots(len(sites) * per_site, 2 + len(methods),
+                             figsize=(2.2 * (2 + len(methods)), 2.2 * len(sites) * per_site), squeeze=False)
+    for i, site in enumerate(sites):
+        ids = load_split(args.data_root / site)["test"][:per_site]
+        images = [next((args.data_root / site / "images").glob(f"{x}.*")) for x in ids]
+        preds = {}
+        for m in methods:
+            model = Path(rows[m]["workspace"]) / site / "simulate_job" / f"app_{site}" / "personalized_model"
+            dest = args.out / "overlays" / m / site
+            predict(model, images, dest, engine="torch", masks_dir=args.data_root / site / "masks", warmup=0)
+            preds[m] = dest
+        for j, img in enumerate(images):
+            ax_row = axes[i * per_site + j]
+            gt = np.array(Image.open(next((args.data_root / site / "masks").glob(f"{img.stem}.*"))))
+            ax_row[0].imshow(read_rgb(img))
+            ax_row[0].set_ylabel(f"{site}\n{img.stem}", fontsize=6)
+            ax_row[1].imshow(gt > 0, cmap="gray")
+            for k, m in enumerate(methods):
+                ax_row[2 + k].imshow(Image.open(preds[m] / "overlays" / f"{img.stem}.png"))
+            for k, name in enumerate(["image", "ground truth", *methods]):
+                ax_row[k].set_xticks([])
+                ax_row[k].set_yticks([])
+                if i == 0 and j == 0:
+                    ax_row[k].set_title(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out / "overlays.png", dpi=90)
+    plt.close(fig)
+
+
+def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
+    path = args.out / "results.json"
+    if path.is_file():
+        results = json.loads(path.read_text())
+        if results.get("budget") != budget(args) or results.get("sites") != sites:
+            sys.exit(f"{path} holds rows of another budget or site list ({results.get('budget')}); "
+                     "use another --out or delete it")
+        return results
+    return {"dataset": args.data_root.name, "sites": sites, "budget": budget(args),
+            "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(),
+                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "empty_mask_rule": EMPTY_MASK_RULE, "rows": {}, "unseen": {}, "communication": full_finetune_bytes()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "polyp")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "polyp")
-    parser.add_argument("--methods", default=",".join(["zero-shot", *FEDERATED, "centralized"]))
+    parser.add_argument("--methods", default=",".join(["zero-shot", *FEDERATED, "centralized"]),
+                        help="comma list; '' for none (e.g. with --unseen only)")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds; every method runs once per seed")
+    parser.add_argument("--unseen", default="", help="comma list of centres for the leave-one-out experiment")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=8)
-    parser.add_argument("--global-steps", type=int, default=12)
-    parser.add_argument("--max-train", type=int, default=32, help="training images per site (0 = all)")
-    parser.add_argument("--max-eval", type=int, default=24, help="val and test images per site (0 = all)")
+    parser.add_argument("--local-steps", type=int, default=6)
+    parser.add_argument("--global-steps", type=int, default=10)
+    parser.add_argument("--max-train", type=int, default=24, help="training images per site (0 = all)")
+    parser.add_argument("--max-eval", type=int, default=16, help="val and test images per site (0 = all)")
     parser.add_argument("--prompt", default="none", choices=["none", "box"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="simulator client threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rerun rows already in results.json")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
     args = parser.parse_args()
     if not args.data_root.is_dir():
-        sys.exit(f"data root {args.data_root} not found (the real data lives in ../shared/data)")
+        sys.exit(f"--data-root {args.data_root} not found (the real data lives in ../shared/data)")
     args.out = args.out.resolve()
     args.data_root = args.data_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(2)
     sites = discover_sites(args.data_root)
-    results = {"dataset": args.data_root.name, "sites": sites, "settings": {k: str(v) for k, v in vars(args).items()},
-               "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-               "empty_mask_rule": "both empty: Dice 1, HD95 0; one empty: Dice 0, HD95 = valid-region diagonal",
-               "rows": [], "communication": full_finetune_bytes()}
-    for method in args.methods.split(","):
-        start = time.perf_counter()
-        if method == "zero-shot":
-            row = run_zero_shot(args, sites)
-        elif method == "centralized":
-            row = run_centralized(args, sites)
-        else:
-            row = run_federated(method, args, sites)
-        row.setdefault("wall_s", time.perf_counter() - start)
-        results["rows"].append(row)
+    unknown = [c for c in filter(None, args.unseen.split(",")) if c not in sites]
+    if unknown:
+        sys.exit(f"--unseen: {unknown} not among the sites {sites}")
+    results = load_results(args, sites)
+
+    def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-        print(f"{method}: done in {row['wall_s']:.0f} s", flush=True)
+
+    runners = {"zero-shot": run_zero_shot, "centralized": run_centralized}
+    jobs = [] if args.report_only else [
+        (m, s) for s in map(int, args.seeds.split(",")) for m in filter(None, args.methods.split(","))]
+    for method, seed in jobs:
+        key = f"{method}|{'box' if method == 'zero-shot' else args.prompt}|seed{seed}"
+        if key in results["rows"] and "error" not in results["rows"][key] and not args.force:
+            print(f"{key}: already in results.json", flush=True)
+            continue
+        start = time.perf_counter()
+        try:
+            if method in runners:
+                row = runners[method](args, sites, seed, args.prompt)
+            else:
+                row = run_federated(method, args, sites, seed, args.prompt)
+        except Exception as exc:  # one failed row must not lose the others
+            row = {"error": str(exc)}
+        row.setdefault("wall_s", time.perf_counter() - start)
+        results["rows"][key] = row
+        save()
+        print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
+    for centre in filter(None, [] if args.report_only else args.unseen.split(",")):
+        if centre in results["unseen"] and "error" not in results["unseen"][centre] and not args.force:
+            continue
+        try:
+            results["unseen"][centre] = run_unseen(centre, args, sites, int(args.seeds.split(",")[0]), args.prompt)
+        except Exception as exc:
+            results["unseen"][centre] = {"error": str(exc)}
+        save()
+        print(f"unseen {centre}: done", flush=True)
     (args.out / "results.md").write_text(markdown(results))
     plots(results, args.out)
+    overlays(results, args, ["pfedsam", "fedavg", "ditto", "local"])
     print(markdown(results))
 
 

@@ -70,6 +70,31 @@ def test_no_experts_means_no_local_phase(tmp_path, synth_site):
     assert trainer.run_local_phase()["steps"] == 0
 
 
+DITTO = ["federation.mode=ditto", "lmoe.num_experts=0", "train.kd_weight=0"]
+
+
+def test_ditto_personal_phase_leaves_the_global_model_alone(tmp_path, synth_site):
+    trainer = _tiny(tmp_path, synth_site, *DITTO)
+    g = trainer.get_global_state()
+    personal, stats = trainer.run_personal_phase(dict(g), 3)
+    assert stats["steps"] == 3 and stats["prox"] > 0
+    assert _changed(g, personal), "the personal copy must train"
+    assert not _changed(g, trainer.get_global_state()), "G(t) must be restored after the personal phase"
+    with trainer.global_swapped(personal):
+        assert not _changed(personal, trainer.get_global_state())
+    assert not _changed(g, trainer.get_global_state())
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e4])
+def test_ditto_lambda_pulls_the_personal_copy_toward_global(tmp_path, synth_site, lam):
+    trainer = _tiny(tmp_path, synth_site, *DITTO, f"train.ditto_lambda={lam}", "train.lr_global=1e-2")
+    g = trainer.get_global_state()
+    far = {k: v + 0.05 for k, v in g.items()}  # a personal copy away from G(t)
+    personal, _ = trainer.run_personal_phase(far, 5)
+    dist = lambda a: sum(float(np.sum((a[k] - g[k]) ** 2)) for k in g)  # noqa: E731
+    assert (dist(personal) < 0.5 * dist(far)) == (lam > 0)
+
+
 def test_local_state_round_trip_and_site_model(tmp_path, synth_site):
     trainer = _tiny(tmp_path, synth_site)
     trainer.run_local_phase(2)

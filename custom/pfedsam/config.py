@@ -76,6 +76,8 @@ class TrainConfig:
       kd_temperature (float): T of the distillation.
       balance_weight (float): lambda_bal of the L-MoE load-balancing loss.
       prox_mu (float): FedProx proximal weight on global parameters (0 = off).
+      ditto_lambda (float): Ditto's lambda: pull of a site's personal copy of the global
+        parameters toward G(t) (used only with ``federation.mode: ditto``).
       grad_clip (float): clip the gradient norm to this value (0 = no clipping).
       cache (str): ``memory``, ``disk`` or ``none``: cache the frozen encoder prefix per image.
       cache_dir (str|None): folder of the disk cache (default: ``<workdir>/feature_cache``).
@@ -96,6 +98,7 @@ class TrainConfig:
     kd_temperature: float = 2.0
     balance_weight: float = 0.01
     prox_mu: float = 0.0
+    ditto_lambda: float = 0.1
     grad_clip: float = 1.0
     cache: str = "memory"
     cache_dir: str | None = None
@@ -145,7 +148,9 @@ class FederationConfig:
       rounds (int): federated rounds.
       min_clients (int): sites needed per round.
       mode (str): ``pfedsam`` (global aggregated, L-MoE local), ``fedavg`` (global
-        aggregated, no L-MoE, no KD), ``local`` (no aggregation: each site trains alone).
+        aggregated, no L-MoE, no KD), ``ditto`` (FedAvg plus a personal copy of the global
+        parameters at each site, trained toward G(t); no L-MoE, no KD), ``local`` (no
+        aggregation: each site trains alone).
       compression (str): ``none`` or ``fp16`` (global weights quantized on the wire).
       final_local_steps (int): extra local fine-tune steps before the final evaluation
         (``FedAvg + local fine-tune`` baseline); 0 = none.
@@ -228,14 +233,14 @@ _CHOICES = {
     "train.cache": ("memory", "disk", "none"),
     "data.mask_convention": ("nonzero", "zero", "below_max"),
     "data.on_bad_file": ("error", "skip"),
-    "federation.mode": ("pfedsam", "fedavg", "local"),
+    "federation.mode": ("pfedsam", "fedavg", "ditto", "local"),
     "federation.compression": ("none", "fp16"),
     "federation.export_format": ("onnx", "none"),
     "eval.empty_dice": ("one", "skip"),
 }
 _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
-    "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
+    "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu", "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
     "federation.final_local_steps", "federation.wait_after_min_s", "federation.task_timeout_s",
 )
@@ -322,8 +327,9 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     for site, folder in cfg.data.sites.items():
         if not isinstance(folder, str) or not folder:
             raise ConfigError(f"{where}: 'data.sites.{site}' must be a folder name, got {folder!r}")
-    if cfg.federation.mode == "fedavg" and (cfg.lmoe.num_experts or cfg.train.kd_weight):
-        raise ConfigError(f"{where}: 'federation.mode: fedavg' needs 'lmoe.num_experts: 0' and 'train.kd_weight: 0'")
+    if cfg.federation.mode in ("fedavg", "ditto") and (cfg.lmoe.num_experts or cfg.train.kd_weight):
+        raise ConfigError(f"{where}: 'federation.mode: {cfg.federation.mode}' needs 'lmoe.num_experts: 0' "
+                          "and 'train.kd_weight: 0'")
     if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
         raise ConfigError(
             f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"

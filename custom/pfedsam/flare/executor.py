@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,11 @@ from nvflare.app_common.app_constant import AppConstants
 from ..config import PFedSAMConfig
 from ..train import SiteTrainer
 from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config, resumed_run_dir
-from .persistor import save_weights
+from .persistor import load_weights, save_weights
 
 LOCAL_STATE_FILE = "pfedsam_local_state.pt"
 OWN_GLOBAL_FILE = "pfedsam_own_global.npz"  # mode 'local' only: the site's own copy of G
+PERSONAL_FILE = "pfedsam_personal_global.npz"  # mode 'ditto' only: the personal copy v (never sent)
 SITE_CONFIG = "pfedsam_site.yaml"  # in the site's startup-kit local/ folder
 
 
@@ -136,6 +138,13 @@ class PFedSAMExecutor(Executor):
                 raise FileNotFoundError(f"federation.resume_from: no saved L-MoE state {old} at this site")
             self.log_info(fl_ctx, f"resumed this site's L-MoE state from {old}")
 
+    def _personal(self, trainer: SiteTrainer, fl_ctx: FLContext) -> dict | None:
+        """Ditto's personal copy of the global parameters (G(t) on the first round); None otherwise."""
+        if self.cfg.federation.mode != "ditto":
+            return None
+        path = app_dir(fl_ctx) / PERSONAL_FILE
+        return load_weights(path) if path.is_file() else trainer.get_global_state()
+
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
         cfg = self.cfg
@@ -147,10 +156,19 @@ class PFedSAMExecutor(Executor):
         def aborted() -> bool:
             return abort_signal.triggered
 
+        personal = self._personal(trainer, fl_ctx)
         if cfg.train.schedule == "joint":
             phases = {"joint": trainer.run_joint_phase(abort=aborted)}
             steps = phases["joint"]["steps"]
             val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
+        elif personal is not None:  # Ditto: personal copy first (anchored at G(t)), then the global phase
+            personal, personal_stats = trainer.run_personal_phase(personal, abort=aborted)
+            phases = {"personal": personal_stats}
+            with trainer.global_swapped(personal):
+                val = {"personalized": trainer.evaluate("val", "personalized")}
+            val["global"] = trainer.evaluate("val", "global")
+            phases["global"] = trainer.run_global_phase(abort=aborted)
+            steps = phases["global"]["steps"]
         else:
             phases = {"local": trainer.run_local_phase(abort=aborted)}
             val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
@@ -160,6 +178,8 @@ class PFedSAMExecutor(Executor):
             return make_reply(ReturnCode.TASK_ABORTED)
         folder = app_dir(fl_ctx)
         trainer.save_local_state(folder / LOCAL_STATE_FILE)
+        if personal is not None:
+            save_weights(folder / PERSONAL_FILE, personal)
         weights = trainer.get_global_state()
         if cfg.federation.mode == "local":
             save_weights(folder / OWN_GLOBAL_FILE, weights)
@@ -168,6 +188,9 @@ class PFedSAMExecutor(Executor):
                    "round_seconds": time.perf_counter() - start}
         for phase, res in phases.items():
             metrics.update({f"{phase}_{k}": v for k, v in res.items() if k != "seconds"})
+        busy = sum(res["seconds"] for res in phases.values())
+        trained = sum(res["steps"] for res in phases.values()) * cfg.train.batch_size
+        metrics["train_images_per_s"] = trained / busy if busy > 0 else 0.0
         self._log(fl_ctx, metrics, rnd)
         self.log_info(fl_ctx, f"round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
                               f"global {metrics['val_dice_global']:.4f}, {steps} global steps, "
@@ -187,15 +210,18 @@ class PFedSAMExecutor(Executor):
         cfg = self.cfg
         self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx)
         results: dict = {"global": trainer.evaluate("test", "global")}
-        n = cfg.federation.final_local_steps
-        if n:  # "+ local fine-tune": personalize the final model with a few more local steps
-            if trainer.model.has_experts:
-                trainer.run_local_phase(n)
-            else:
-                trainer.run_global_phase(n)
-        results["personalized"] = trainer.evaluate("test", "personalized")
+        personal = self._personal(trainer, fl_ctx)
         folder = app_dir(fl_ctx) / "personalized_model"
-        trainer.save_model(folder, {"round": cfg.federation.rounds, "mode": cfg.federation.mode})
+        # Ditto's personalized model is its personal copy; the others' is the model as trained.
+        with trainer.global_swapped(personal) if personal is not None else nullcontext():
+            n = cfg.federation.final_local_steps
+            if n:  # "+ local fine-tune": personalize the final model with a few more local steps
+                if trainer.model.has_experts:
+                    trainer.run_local_phase(n)
+                else:
+                    trainer.run_global_phase(n)
+            results["personalized"] = trainer.evaluate("test", "personalized")
+            trainer.save_model(folder, {"round": cfg.federation.rounds, "mode": cfg.federation.mode})
         results["export"] = "none"
         if cfg.federation.export_format == "onnx":
             try:

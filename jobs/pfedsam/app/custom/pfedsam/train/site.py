@@ -14,7 +14,8 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -300,24 +301,58 @@ class SiteTrainer:
         n = self.cfg.train.local_steps if steps is None else steps
         return self._run("local", n, {ParamKind.LOCAL}, self.local_loss, abort)
 
-    def run_global_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
-        """Fine-tune the global parameters from G(t) with experts off (seg loss, + FedProx if set)."""
-        mu = self.cfg.train.prox_mu
+    def _anchored_loss(self, weight: float) -> Callable:
+        """Seg loss of the global model (experts off) + weight * 0.5 ||w - w_now||^2 (FedProx, Ditto).
+
+        The anchor is the value of the global parameters when this is called.
+        """
         names = set(self.global_names())
-        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names} if mu else {}
+        anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names} if weight else {}
 
         def loss(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
             logits = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
             parts = {"seg": self._seg(logits, masks)}
             parts["loss"] = parts["seg"]
-            if mu:
+            if weight:
                 current = {n: p for n, p in self.model.named_parameters() if n in names}
                 parts["prox"] = proximal_term(current, anchor)
-                parts["loss"] = parts["loss"] + mu * parts["prox"]
+                parts["loss"] = parts["loss"] + weight * parts["prox"]
             return parts
 
+        return loss
+
+    def run_global_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+        """Fine-tune the global parameters from G(t) with experts off (seg loss, + FedProx if set)."""
         n = self.cfg.train.global_steps if steps is None else steps
-        return self._run("global", n, {ParamKind.GLOBAL}, loss, abort)
+        return self._run("global", n, {ParamKind.GLOBAL}, self._anchored_loss(self.cfg.train.prox_mu), abort)
+
+    @contextmanager
+    def global_swapped(self, state: dict) -> Iterator[None]:
+        """Temporarily load another value of the global parameters (Ditto's personal copy)."""
+        saved = self.get_global_state()
+        self.set_global_state(state)
+        try:
+            yield
+        finally:
+            self.set_global_state(saved)
+
+    def run_personal_phase(
+        self, personal: dict, steps: int | None = None, abort: Callable[[], bool] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        """Ditto: train a personal copy of the global parameters toward the current G(t).
+
+        Arguments:
+          personal: the site's personal copy (global parameter names -> arrays).
+          steps: optimizer steps (default ``train.local_steps``).
+        Loss: seg + ``ditto_lambda`` * 0.5 ||v - G(t)||^2. Returns the updated copy and the
+        phase stats; the model's global parameters are G(t) again afterwards.
+        """
+        loss = self._anchored_loss(self.cfg.train.ditto_lambda)  # anchored at G(t), loaded now
+        n = self.cfg.train.local_steps if steps is None else steps
+        with self.global_swapped(personal):
+            stats = self._run("personal", n, {ParamKind.GLOBAL}, loss, abort)
+            personal = self.get_global_state()
+        return personal, stats
 
     def run_joint_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
         """Ablation: global and local trained together on seg + balance (FedRep/FedPer-style)."""
