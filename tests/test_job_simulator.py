@@ -150,3 +150,29 @@ def test_resume_from_an_interrupted_job(tmp_path):
     assert [p.name for p in saved] == ["round_1.npz"]
     new = dict(np.load(saved[0]))
     assert any(not np.array_equal(old[k], new[k]) for k in old)  # training went on from there
+
+
+def test_ditto_keeps_a_personal_copy_that_never_leaves_the_site(tmp_path):
+    """Ditto: each site trains a personal copy of the global parameters; only G's update is sent."""
+    job = make_variant("pfedsam-tiny", tmp_path / "jobs", ROOT / "jobs" / "pfedsam", extra={
+        "federation": {"mode": "ditto", "keep_round_states": True, "export_format": "none"},
+        "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0},
+        "data": {"synthetic_dir": str(tmp_path / "synthetic")},
+    })
+    ws = tmp_path / "ws"
+    _simulate(job, ws, tmp_path)
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    assert report["job"]["mode"] == "ditto"
+    for site in ("site-1", "site-2"):
+        folder = ws / site / "simulate_job" / f"app_{site}"
+        with np.load(folder / "pfedsam_personal_global.npz") as data:
+            personal = {k: data[k] for k in data.files}
+        with np.load(folder / "sent" / "round_1.npz") as data:
+            sent = {k: data[k] for k in data.files}
+        assert personal.keys() == sent.keys()
+        assert any(not np.array_equal(personal[k], sent[k]) for k in sent), "personal copy equals what was sent"
+        saved = torch.load(folder / "personalized_model" / "weights.pt", weights_only=True)["global"]
+        for k, v in personal.items():  # the personalized model is the personal copy
+            np.testing.assert_array_equal(saved[k].float().numpy(), v)
+        for c in (e["sites"][site] for e in report["rounds"]):
+            assert c["accepted"] and c["metrics"]["personal_steps"] > 0
