@@ -47,7 +47,8 @@ from pfedsam.train import SiteTrainer  # noqa: E402
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
 FEDERATED = ["pfedsam", "fedavg", "local", "ditto", "fedavg-ft", "fedprox", "pfedsam-nokd", "pfedsam-nolmoe",
              "pfedsam-joint"]
-BUDGET_KEYS = ("data_root", "rounds", "local_steps", "global_steps", "max_train", "max_eval", "device")
+BUDGET_KEYS = ("data_root", "backbone", "checkpoint", "image_size", "batch_size", "rounds", "local_steps",
+               "global_steps", "max_train", "max_eval", "device")
 EMPTY_MASK_RULE = ("truth and prediction both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the "
                    "diagonal of the image's valid (unpadded) region at model resolution")
 
@@ -59,9 +60,11 @@ def budget(args: argparse.Namespace) -> dict:
 def settings(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
     """YAML overrides shared by every row: data, budget, seed, prompt, one feature cache."""
     return {
+        "backbone": args.backbone, "checkpoint": args.checkpoint, "image_size": args.image_size,
         "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval, "sites": {}},
         "train": {"cache": "disk", "cache_dir": str(args.out / "feature_cache"), "local_steps": args.local_steps,
-                  "global_steps": args.global_steps, "seed": seed, "device": args.device},
+                  "global_steps": args.global_steps, "batch_size": args.batch_size, "seed": seed,
+                  "device": args.device, "num_threads": args.site_threads},
         "federation": {"rounds": args.rounds, "min_clients": len(sites), "export_format": "none",
                        "wait_after_min_s": 0},
         "prompt": prompt,
@@ -118,6 +121,7 @@ def trainer_for(method: str, args: argparse.Namespace, site: str, seed: int, pro
                 site_dir: Path | None = None, all_images: bool = False) -> SiteTrainer:
     """An in-process site with exactly the settings job variant ``method`` would use."""
     cfg = variant_config(method, MAIN_JOB, settings(args, [site], seed, prompt))
+    cfg.train.num_threads = os.cpu_count() or 1  # in-process rows run alone: all cores
     if all_images:  # the pooled site: already limited per centre
         cfg.data.max_train = cfg.data.max_eval = 0
     return SiteTrainer(cfg, site, site_dir=site_dir or args.data_root / site, workdir=workdir)
@@ -367,18 +371,20 @@ def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
     path = args.out / "results.json"
     if path.is_file():
         results = json.loads(path.read_text())
-        if results.get("budget") != budget(args) or results.get("sites") != sites:
+        stored = {**budget(parse_args([])), **results.get("budget", {})}  # keys added later: their defaults
+        stored["data_root"] = results.get("budget", {}).get("data_root")
+        if stored != budget(args) or results.get("sites") != sites:
             sys.exit(f"{path} holds rows of another budget or site list ({results.get('budget')}); "
                      "use another --out or delete it")
         return results
     return {"dataset": args.data_root.name, "sites": sites, "budget": budget(args),
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "torch_threads": torch.get_num_threads(),
+                         "sites_at_once": args.threads, "torch_threads_per_site": args.site_threads,
                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
             "empty_mask_rule": EMPTY_MASK_RULE, "rows": {}, "unseen": {}, "communication": full_finetune_bytes()}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "polyp")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "polyp")
@@ -386,6 +392,10 @@ def main() -> None:
                         help="comma list; '' for none (e.g. with --unseen only)")
     parser.add_argument("--seeds", default="0", help="comma list of seeds; every method runs once per seed")
     parser.add_argument("--unseen", default="", help="comma list of centres for the leave-one-out experiment")
+    parser.add_argument("--backbone", default="litemedsam")
+    parser.add_argument("--checkpoint", default=None, help="SAM checkpoint (vit_b/l/h need the official file)")
+    parser.add_argument("--image-size", type=int, default=0, help="model input side (0 = the backbone's own)")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--global-steps", type=int, default=10)
@@ -393,10 +403,17 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, default=16, help="val and test images per site (0 = all)")
     parser.add_argument("--prompt", default="none", choices=["none", "box"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="simulator client threads")
+    parser.add_argument("--threads", type=int, default=2, help="simulator client threads (sites run at once)")
+    parser.add_argument("--site-threads", type=int, default=1,
+                        help="torch CPU threads per site process (threads x site-threads <= cores avoids "
+                             "oversubscription; 0 = torch default)")
     parser.add_argument("--force", action="store_true", help="rerun rows already in results.json")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if not args.data_root.is_dir():
         sys.exit(f"--data-root {args.data_root} not found (the real data lives in ../shared/data)")
     args.out = args.out.resolve()
