@@ -386,7 +386,8 @@ def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "polyp")
+    parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "polyp",
+                        help="one folder per site, or 'synthetic' for the main job's generated sites")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "polyp")
     parser.add_argument("--methods", default=",".join(["zero-shot", *FEDERATED, "centralized"]),
                         help="comma list; '' for none (e.g. with --unseen only)")
@@ -414,6 +415,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if str(args.data_root) == "synthetic":  # the generated SYNTHETIC sites of the main job (made on first use)
+        from pfedsam.data.resolve import synthetic_root
+
+        args.data_root = synthetic_root(load_config(MAIN_JOB / "app" / "config" / "pfedsam.yaml"))
     if not args.data_root.is_dir():
         sys.exit(f"--data-root {args.data_root} not found (the real data lives in ../shared/data)")
     args.out = args.out.resolve()
