@@ -8,6 +8,7 @@ result. Results carry only ``trainer.get_global_state()`` and then pass the Glob
 from __future__ import annotations
 
 import os
+import resource
 import time
 import traceback
 from contextlib import nullcontext
@@ -191,6 +192,8 @@ class PFedSAMExecutor(Executor):
         busy = sum(res["seconds"] for res in phases.values())
         trained = sum(res["steps"] for res in phases.values()) * cfg.train.batch_size
         metrics["train_images_per_s"] = trained / busy if busy > 0 else 0.0
+        # this site process's peak resident memory so far (Linux reports KiB)
+        metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self._log(fl_ctx, metrics, rnd)
         self.log_info(fl_ctx, f"round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
                               f"global {metrics['val_dice_global']:.4f}, {steps} global steps, "
