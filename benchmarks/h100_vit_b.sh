@@ -17,4 +17,4 @@ run() {
 run
 run --methods '' --unseen cvc-clinicdb,kvasir-seg,polypgen-c1
 run --prompt box --methods pfedsam,fedavg,local
-run --seeds 1,2 --methods pfedsam,fedavg
+run --seeds 1,2 --methods pfedsam,local,fedavg

@@ -11,4 +11,4 @@ run() { python benchmarks/run.py --data-root "$DATA" --out "$OUT" "$@"; }
 run                                                     # main table: every method, prompt-free, seed 0
 run --methods '' --unseen cvc-clinicdb,kvasir-seg,polypgen-c1   # leave-one-centre-out, pFedSAM
 run --prompt box --methods pfedsam,fedavg,local         # box-prompt table
-run --seeds 1,2 --methods pfedsam,fedavg                # extra seeds of the main rows
+run --seeds 1,2 --methods pfedsam,local,fedavg          # extra seeds: pFedSAM and the two main baselines

@@ -214,6 +214,15 @@ class PFedSAMExecutor(Executor):
         self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx)
         results: dict = {"global": trainer.evaluate("test", "global")}
         personal = self._personal(trainer, fl_ctx)
+        if cfg.train.schedule == "decoupled":
+            # The first half of a round against G(T): the L-MoE (or Ditto's copy) was last trained
+            # against G(T-1); without this step the personalized model pairs it with a global
+            # model it has never seen. No-op without experts (fedavg, fedprox).
+            if personal is not None:
+                personal, _ = trainer.run_personal_phase(personal)
+                save_weights(app_dir(fl_ctx) / PERSONAL_FILE, personal)
+            elif trainer.run_local_phase()["steps"]:
+                trainer.save_local_state(app_dir(fl_ctx) / LOCAL_STATE_FILE)
         folder = app_dir(fl_ctx) / "personalized_model"
         # Ditto's personalized model is its personal copy; the others' is the model as trained.
         with trainer.global_swapped(personal) if personal is not None else nullcontext():
