@@ -462,6 +462,7 @@ def main() -> None:
             results["unseen"][centre] = {"error": str(exc)}
         save()
         print(f"unseen {centre}: done", flush=True)
+    save()
     (args.out / "results.md").write_text(markdown(results))
     plots(results, args.out)
     overlays(results, args, ["pfedsam", "fedavg", "ditto", "local"])
