@@ -11,7 +11,6 @@ import os
 import resource
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +126,7 @@ class PFedSAMExecutor(Executor):
         folder = app_dir(fl_ctx)
         own = folder / OWN_GLOBAL_FILE
         if self.cfg.federation.mode == "local" and own.is_file():
-            with np.load(own) as data:  # local-only baseline: the server's average is ignored
-                trainer.set_global_state({k: data[k] for k in data.files})
+            trainer.set_global_state(load_weights(own))  # local-only baseline: the server's average is ignored
         else:
             trainer.set_global_state(incoming)
         if trainer.load_local_state(folder / LOCAL_STATE_FILE):
@@ -146,6 +144,24 @@ class PFedSAMExecutor(Executor):
         path = app_dir(fl_ctx) / PERSONAL_FILE
         return load_weights(path) if path.is_file() else trainer.get_global_state()
 
+    @staticmethod
+    def _personalize(trainer: SiteTrainer, personal: dict | None, abort=None) -> tuple[dict | None, str, dict]:
+        """The first half of a round against the loaded G: Ditto's personal update, else the L-MoE phase.
+
+        Returns the (updated) personal copy, the phase name and its stats.
+        """
+        if personal is not None:
+            personal, stats = trainer.run_personal_phase(personal, abort=abort)
+            return personal, "personal", stats
+        return None, "local", trainer.run_local_phase(abort=abort)
+
+    @staticmethod
+    def _save_site_state(trainer: SiteTrainer, personal: dict | None, folder: Path) -> None:
+        """What stays at the site between tasks: the L-MoE and, for Ditto, the personal copy."""
+        trainer.save_local_state(folder / LOCAL_STATE_FILE)
+        if personal is not None:
+            save_weights(folder / PERSONAL_FILE, personal)
+
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
         cfg = self.cfg
@@ -162,25 +178,18 @@ class PFedSAMExecutor(Executor):
             phases = {"joint": trainer.run_joint_phase(abort=aborted)}
             steps = phases["joint"]["steps"]
             val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
-        elif personal is not None:  # Ditto: personal copy first (anchored at G(t)), then the global phase
-            personal, personal_stats = trainer.run_personal_phase(personal, abort=aborted)
-            phases = {"personal": personal_stats}
-            with trainer.global_swapped(personal):
+        else:
+            personal, name, stats = self._personalize(trainer, personal, aborted)
+            phases = {name: stats}
+            with trainer.global_swapped(personal):  # Ditto's personalized model is its personal copy
                 val = {"personalized": trainer.evaluate("val", "personalized")}
             val["global"] = trainer.evaluate("val", "global")
-            phases["global"] = trainer.run_global_phase(abort=aborted)
-            steps = phases["global"]["steps"]
-        else:
-            phases = {"local": trainer.run_local_phase(abort=aborted)}
-            val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
             phases["global"] = trainer.run_global_phase(abort=aborted)
             steps = phases["global"]["steps"]
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         folder = app_dir(fl_ctx)
-        trainer.save_local_state(folder / LOCAL_STATE_FILE)
-        if personal is not None:
-            save_weights(folder / PERSONAL_FILE, personal)
+        self._save_site_state(trainer, personal, folder)
         weights = trainer.get_global_state()
         if cfg.federation.mode == "local":
             save_weights(folder / OWN_GLOBAL_FILE, weights)
@@ -218,14 +227,11 @@ class PFedSAMExecutor(Executor):
             # The first half of a round against G(T): the L-MoE (or Ditto's copy) was last trained
             # against G(T-1); without this step the personalized model pairs it with a global
             # model it has never seen. No-op without experts (fedavg, fedprox).
-            if personal is not None:
-                personal, _ = trainer.run_personal_phase(personal)
-                save_weights(app_dir(fl_ctx) / PERSONAL_FILE, personal)
-            elif trainer.run_local_phase()["steps"]:
-                trainer.save_local_state(app_dir(fl_ctx) / LOCAL_STATE_FILE)
+            personal, _, _ = self._personalize(trainer, personal)
+            self._save_site_state(trainer, personal, app_dir(fl_ctx))
         folder = app_dir(fl_ctx) / "personalized_model"
         # Ditto's personalized model is its personal copy; the others' is the model as trained.
-        with trainer.global_swapped(personal) if personal is not None else nullcontext():
+        with trainer.global_swapped(personal):
             n = cfg.federation.final_local_steps
             if n:  # "+ local fine-tune": personalize the final model with a few more local steps
                 if trainer.model.has_experts:

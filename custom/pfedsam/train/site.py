@@ -327,8 +327,11 @@ class SiteTrainer:
         return self._run("global", n, {ParamKind.GLOBAL}, self._anchored_loss(self.cfg.train.prox_mu), abort)
 
     @contextmanager
-    def global_swapped(self, state: dict) -> Iterator[None]:
-        """Temporarily load another value of the global parameters (Ditto's personal copy)."""
+    def global_swapped(self, state: dict | None) -> Iterator[None]:
+        """Temporarily load another value of the global parameters (Ditto's personal copy); None = no swap."""
+        if state is None:
+            yield
+            return
         saved = self.get_global_state()
         self.set_global_state(state)
         try:

@@ -224,6 +224,16 @@ def _close(sess) -> None:
         pass
 
 
+@contextlib.contextmanager
+def session(a):
+    """An admin session from the command's --startup-kit / --username / --connect-timeout, always closed."""
+    sess = connect(a.startup_kit, a.username, a.connect_timeout)
+    try:
+        yield sess
+    finally:
+        _close(sess)
+
+
 def _latest_round(sess, job_id: str) -> int | None:
     try:
         logs = sess.get_job_logs(job_id, target="server").get("logs", {})
@@ -509,8 +519,7 @@ def _active_jobs(sess) -> tuple[list[dict], list[dict]]:
 
 
 def cmd_status(a) -> int:
-    sess = connect(a.startup_kit, a.username, a.connect_timeout)
-    try:
+    with session(a) as sess:
         info = sess.get_system_info()
         print(f"server: reachable, {'running a job' if info.job_info else 'idle'}")
         names = sorted(c.name for c in info.client_info)
@@ -524,30 +533,22 @@ def cmd_status(a) -> int:
         if not live:
             print("no job running or waiting")
         return EXIT_OK
-    finally:
-        _close(sess)
 
 
 def cmd_list(a) -> int:
-    sess = connect(a.startup_kit, a.username, a.connect_timeout)
-    try:
+    with session(a) as sess:
         for j in sess.list_jobs():
             print(f"{j.get('job_id')}  {_jname(j):24s}  {j.get('status', '?'):24s}  "
                   f"{j.get('submit_time', '')}  {j.get('duration', '')}")
         return EXIT_OK
-    finally:
-        _close(sess)
 
 
 def cmd_download(a) -> int:
-    sess = connect(a.startup_kit, a.username, a.connect_timeout)
-    try:
+    with session(a) as sess:
         folder = download(sess, a.job_id, a.download)
         print(f"downloaded to {folder}")
         print_report(folder)
         return EXIT_OK
-    finally:
-        _close(sess)
 
 
 def cmd_wait_ready(a) -> int:
