@@ -1,53 +1,169 @@
-"""The committed job folder is runnable as shipped: code mirror current, settings consistent."""
+"""Job folders: no committed code, one source per setting (YAML -> FLARE JSON), bundles that check their code."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from pfedsam.config import load_config
-from pfedsam.jobs import PACKAGE_DIR, VARIANTS, make_variant, package_digest
+from pfedsam import __version__
+from pfedsam.config import ConfigError, load_config
+from pfedsam.jobs import (
+    BUNDLE_FILE,
+    CUSTOM_README,
+    FINAL_TASK,
+    PACKAGE_DIR,
+    TRAIN_TASK,
+    VARIANTS,
+    _CUSTOM_README_TEXT,
+    check_code,
+    flare_settings,
+    make_variant,
+    package_digest,
+    sync_job,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "pfedsam"
 
 
-def test_shipped_code_is_a_current_copy_of_the_package():
-    shipped = JOB / "app" / "custom" / "pfedsam"
-    assert shipped.is_dir() and not shipped.is_symlink(), "FLARE ships only real files (a symlink arrives empty)"
-    assert package_digest(shipped) == package_digest(PACKAGE_DIR), "run `pfedsam job sync` and commit"
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
-def test_meta_agrees_with_yaml():
-    cfg = load_config(JOB / "app" / "config" / "pfedsam.yaml")
-    meta = json.loads((JOB / "meta.json").read_text())
-    assert meta["min_clients"] == cfg.federation.min_clients
-    assert meta["deploy_map"] == {"app": ["@ALL"]}
+def _flare_view(job: Path) -> dict:
+    """What FLARE will run, read back from a job folder's JSON (the values flare_settings decides)."""
+    server = _json(job / "app" / "config" / "config_fed_server.json")
+    client = _json(job / "app" / "config" / "config_fed_client.json")
+    workflows = {w["id"]: w["args"] for w in server["workflows"]}
+    executor = client["executors"][0]
+    return {
+        "meta": _json(job / "meta.json"), "server": server, "client": client, "executor_tasks": executor["tasks"],
+        "scatter_and_gather": workflows["scatter_and_gather"], "final_evaluation": workflows["final_evaluation"],
+        "executor": executor["executor"]["args"],
+    }
 
 
-@pytest.mark.parametrize("side", ["server", "client"])
-def test_every_filter_chain_names_its_tasks(side):
-    config = json.loads((JOB / "app" / "config" / f"config_fed_{side}.json").read_text())
-    assert config["format_version"] == 2
-    for key in ("task_data_filters", "task_result_filters"):
-        for chain in config.get(key, []):
-            assert chain["tasks"] and "*" not in chain["tasks"], "'*' chains never run in nvflare 2.9"
-    if side == "client":
-        chain = config["task_result_filters"][0]
-        assert chain["tasks"] == ["train"]
-        assert chain["filters"][0]["path"].endswith("GlobalOnlyFilter")
+def _check_json_matches_yaml(job: Path) -> None:
+    cfg = load_config(job / "app" / "config" / "pfedsam.yaml")
+    fed = cfg.federation
+    view = _flare_view(job)
+    sag, final = view["scatter_and_gather"], view["final_evaluation"]
+    # the YAML's meaning, spelled out (not via flare_settings, so a wrong mapping there fails here)
+    assert view["meta"]["min_clients"] == fed.min_clients
+    assert sag["start_round"] == fed.start_round and sag["num_rounds"] == fed.rounds - fed.start_round
+    assert sag["min_clients"] == fed.min_clients == final["min_responses_required"]
+    assert sag["wait_time_after_min_received"] == fed.wait_after_min_s == final["wait_time_after_min_received"]
+    assert sag["train_timeout"] == fed.task_timeout_s == final["timeout"]
+    assert sag["train_task_name"] == view["executor"]["train_task"] == TRAIN_TASK
+    assert final["task_name"] == view["executor"]["final_task"] == FINAL_TASK
+    assert view["executor_tasks"] == [TRAIN_TASK, FINAL_TASK]
+    for side in ("server", "client"):
+        for key in ("task_data_filters", "task_result_filters"):
+            for chain in view[side].get(key, []):
+                assert chain["tasks"] and set(chain["tasks"]) <= {TRAIN_TASK, FINAL_TASK}, \
+                    f"{side} {key}: tasks {chain['tasks']} ('*' chains never run in nvflare 2.9)"
+    for component, values in flare_settings(cfg).items():
+        target = view["meta"] if component == "meta" else view[component]
+        assert {k: target[k] for k in values} == values
+
+
+def test_committed_job_holds_no_code():
+    tracked = subprocess.run(["git", "ls-files", "jobs"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert sorted(tracked) == sorted([
+        "jobs/pfedsam/meta.json", "jobs/pfedsam/app/config/config_fed_server.json",
+        "jobs/pfedsam/app/config/config_fed_client.json", "jobs/pfedsam/app/config/pfedsam.yaml",
+        "jobs/pfedsam/app/custom/README.md"])
+    assert (JOB / "app" / "custom" / CUSTOM_README).read_text() == _CUSTOM_README_TEXT
+    assert not list(ROOT.glob("jobs/*/app/custom/*.py")) and not (JOB / "app" / "custom" / "pfedsam").exists()
+
+
+def test_committed_job_json_matches_its_yaml():
+    _check_json_matches_yaml(JOB)
+    assert _json(JOB / "meta.json")["deploy_map"] == {"app": ["@ALL"]}
+
+
+def test_sync_is_a_no_op_on_the_committed_job(tmp_path):
+    copy = tmp_path / "pfedsam"
+    shutil.copytree(JOB, copy)
+    sync_job(copy)
+    for rel in ("meta.json", "app/config/config_fed_server.json", "app/config/config_fed_client.json"):
+        assert (copy / rel).read_text() == (JOB / rel).read_text(), f"run `pfedsam job sync` and commit {rel}"
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_variants_generate_valid_jobs(tmp_path, name):
+def test_every_variant_json_matches_its_yaml(tmp_path, name):
     job = make_variant(name, tmp_path, JOB)
     cfg = load_config(job / "app" / "config" / "pfedsam.yaml")
-    for key, value in VARIANTS[name].get("federation", {}).items():
-        assert getattr(cfg.federation, key) == value
-    assert json.loads((job / "meta.json").read_text())["name"] == name
-    assert package_digest(job / "app" / "custom" / "pfedsam") == package_digest(PACKAGE_DIR)
+    for section, values in VARIANTS[name].items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            got = getattr(getattr(cfg, section), key) if key else getattr(cfg, section)
+            assert got == value, f"{name}: {section}.{key}"
+    _check_json_matches_yaml(job)
+    assert _json(job / "meta.json")["name"] == name
     assert "Generated by" in (job / "app" / "config" / "pfedsam.yaml").read_text().splitlines()[0]
-    yaml.safe_load((job / "app" / "config" / "pfedsam.yaml").read_text())
+    assert sorted(p.name for p in (job / "app" / "custom").iterdir()) == [CUSTOM_README]
+
+
+@pytest.mark.parametrize("extra,start,num", [
+    ({"federation": {"rounds": 5}}, 0, 5),
+    ({"federation": {"rounds": 5, "resume_from": "old-job", "start_round": 2}}, 2, 3),
+    ({"federation": {"min_clients": 3, "wait_after_min_s": 7, "task_timeout_s": 900}}, 0, 3),
+])
+def test_overrides_reach_the_json(tmp_path, extra, start, num):
+    job = make_variant("pfedsam", tmp_path, JOB, extra)
+    sag = _flare_view(job)["scatter_and_gather"]
+    assert (sag["start_round"], sag["num_rounds"]) == (start, num)
+    _check_json_matches_yaml(job)
+
+
+@pytest.mark.parametrize("fed,message", [
+    ({"start_round": 1}, "set 'federation.resume_from' too"),
+    ({"resume_from": "x", "start_round": 3}, "must be below 'federation.rounds'"),
+    ({"start_round": -1}, "must be >= 0"),
+])
+def test_bad_start_round_is_refused(tmp_path, fed, message):
+    with pytest.raises(ConfigError, match=message):
+        make_variant("pfedsam", tmp_path, JOB, {"federation": {"rounds": 3, **fed}})
+
+
+def test_code_modes(tmp_path):
+    bundled = make_variant("pfedsam-tiny", tmp_path / "b", JOB, code="bundle")
+    custom = bundled / "app" / "custom"
+    record = _json(custom / BUNDLE_FILE)
+    assert record["version"] == __version__ and record["digest"] == package_digest(PACKAGE_DIR)
+    assert package_digest(custom / "pfedsam") == package_digest(PACKAGE_DIR)
+    assert not list((custom / "pfedsam").rglob("__pycache__"))
+    bare = make_variant("pfedsam-tiny", tmp_path / "n", JOB, code="none")
+    assert not (bare / "app" / "custom").exists()
+    with pytest.raises(ValueError, match="code must be one of"):
+        make_variant("pfedsam-tiny", tmp_path / "x", JOB, code="copy")
+
+
+def test_check_code(tmp_path):
+    """The executor's check: which pfedsam runs versus what the job bundles."""
+    assert "installed; the job bundles no code" in check_code(tmp_path / "no-custom")
+    job = make_variant("pfedsam-tiny", tmp_path, JOB, code="bundle")
+    custom = job / "app" / "custom"
+    assert "same as the job's bundle" in check_code(custom)  # installed code == the bundle
+    assert "same as the job's bundle" in check_code(custom, custom / "pfedsam")  # the bundle imported itself
+    (custom / "pfedsam" / "config.py").write_text("# edited after job make\n")
+    with pytest.raises(RuntimeError, match="changed after `pfedsam job make`"):
+        check_code(custom, custom / "pfedsam")
+    record = _json(custom / BUNDLE_FILE)
+    (custom / BUNDLE_FILE).write_text(json.dumps({**record, "version": "0.0.9", "digest": "0" * 64}))
+    with pytest.raises(RuntimeError, match=r"bundles pfedsam 0\.0\.9 .* shadows the bundle; uninstall it"):
+        check_code(custom)
+
+
+def test_make_refuses_to_overwrite_its_source(tmp_path):
+    with pytest.raises(ValueError, match="would overwrite the source job"):
+        make_variant("pfedsam", JOB.parent, JOB)
+    with pytest.raises(FileNotFoundError, match="not a pfedsam job folder"):
+        make_variant("pfedsam", tmp_path / "out", tmp_path / "nowhere")
+

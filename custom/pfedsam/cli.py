@@ -1,4 +1,7 @@
-"""``pfedsam`` command line: info, config, synth, train (local run), export, predict."""
+"""pfedsam command line: info, config, synth, train (one site alone), job (FLARE job folders), export, predict.
+
+Each subcommand imports what it needs when it runs (torch, onnx, nvflare), so ``--help`` is fast.
+"""
 
 from __future__ import annotations
 
@@ -91,28 +94,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    """Refresh jobs/pfedsam's code copy, or write a variant job folder."""
+    """Write a job's FLARE settings from its YAML, list the variants, or write variant job folders."""
     from .config import merge_overrides, parse_override
     from .jobs import VARIANTS, make_variant, sync_job
 
     if args.action == "sync":
-        print(f"synced {sync_job(args.job)}")
+        print(f"wrote the FLARE settings of {sync_job(args.job)} from its {args.job / 'app/config/pfedsam.yaml'}")
         return 0
     if args.action == "list":
         for name, override in VARIANTS.items():
             print(f"{name:16s} {json.dumps(override)}")
         return 0
+    if not args.variants:
+        raise ValueError("'job make' needs at least one variant name (see 'pfedsam job list')")
     extra: dict = {}
     for text in args.set or []:
         extra = merge_overrides(extra, parse_override(text))
+    code = "bundle" if args.bundle_code else "none" if args.no_custom else "installed"
     for name in args.variants:
-        print(f"wrote {make_variant(name, args.out, args.job, extra)}")
+        print(f"wrote {make_variant(name, args.out, args.job, extra, code=code)} (code: {code})")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pfedsam", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="pfedsam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -123,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts and bytes by kind (frozen/global/local)")
     with_config(p)
     p.add_argument("--backbone", help="override the config's backbone")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--names", action="store_true", help="also list global and local parameter names")
     p.set_defaults(func=cmd_info)
 
@@ -133,12 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("synth", help="write the deterministic SYNTHETIC multi-site data set")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--per-site", type=int, default=60)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", type=Path, required=True, help="output folder (one subfolder per site)")
+    p.add_argument("--sites", type=int, default=4, help="number of sites (default 4)")
+    p.add_argument("--per-site", type=int, default=60, help="images per site (default 60)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--json", action="store_true", help="also print the per-site summary as JSON")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="train one site alone (local phase + global phase per round)")
@@ -148,20 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (model, report, cache)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("job", help="FLARE job folders: sync the code copy, list or make variants")
-    p.add_argument("action", choices=["sync", "list", "make"])
+    p = sub.add_parser("job", help="FLARE job folders: write settings from the YAML, list or make variants",
+                       description="sync: write the YAML's rounds, min_clients, waits, timeouts and task names into "
+                                   "meta.json and config_fed_*.json. list: the variants. make: write variant job "
+                                   "folders (code from the installed package, or bundled with --bundle-code).")
+    p.add_argument("action", choices=["sync", "list", "make"], help="what to do")
     p.add_argument("variants", nargs="*", help="variant names for 'make' (see 'pfedsam job list')")
-    p.add_argument("--job", type=Path, default=Path("jobs/pfedsam"), help="the main job folder")
-    p.add_argument("--out", type=Path, default=Path("build/jobs"), help="where 'make' writes job folders")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="extra config override for 'make'")
+    p.add_argument("--job", type=Path, default=Path("jobs/pfedsam"),
+                   help="the main job folder: source of 'make', target of 'sync' (default jobs/pfedsam)")
+    p.add_argument("--out", type=Path, default=Path("build/jobs"),
+                   help="where 'make' writes job folders, one per variant (default build/jobs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="extra config override for 'make', e.g. --set federation.rounds=5 (repeatable)")
+    code = p.add_mutually_exclusive_group()
+    code.add_argument("--bundle-code", action="store_true",
+                      help="'make': copy the installed package into app/custom with its version and digest "
+                           "(for sites that accept custom code; a site importing other code refuses to run)")
+    code.add_argument("--no-custom", action="store_true",
+                      help="'make': no app/custom folder (sites without custom code: the installed wheel and "
+                           "'pfedsam.flare.' in each site's class_allow_list)")
     p.set_defaults(func=cmd_job)
 
-    try:
-        from .export.cli import register
-    except ImportError:  # export layer not installed in this copy
-        register = None
-    if register is not None:
-        register(sub)
+    from .export.cli import register  # light: the export code itself is imported when a command runs
+
+    register(sub)
     return parser
 
 

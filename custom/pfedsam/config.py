@@ -169,6 +169,8 @@ class FederationConfig:
       resume_from (str|None): id of an interrupted job of this same setup to continue: the server
         starts from that job's last saved global parameters and round, every site from its own
         saved L-MoE state (FLARE 2.9 cannot resume a job whose server restarted).
+      start_round (int): first round of this job: 0, or with ``resume_from`` the number of rounds
+        the resumed job completed (the server checks it); the job runs ``rounds - start_round``.
       keep_round_states (bool): keep every round's global state at the server and, at each
         site, what it sent and its L-MoE state per round (audits and tests; costs disk).
     """
@@ -183,6 +185,7 @@ class FederationConfig:
     task_timeout_s: int = 0
     keep_round_states: bool = False
     resume_from: str | None = None
+    start_round: int = 0
 
 
 @dataclass
@@ -250,7 +253,7 @@ _NON_NEGATIVE = (
     "train.global_steps", "train.final_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
     "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
-    "federation.wait_after_min_s", "federation.task_timeout_s",
+    "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
 )
 _POSITIVE = (
     "lora.rank", "lora.alpha", "lora.decoder_rank", "lmoe.top_k", "lmoe.hidden",
@@ -354,6 +357,12 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.final_finetune and (cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
         raise ConfigError(f"{where}: 'federation.final_finetune' is for a model without a personal part "
                           "('lmoe.num_experts: 0', mode not ditto); the L-MoE or Ditto's copy is personalized instead")
+    if cfg.federation.start_round and not cfg.federation.resume_from:
+        raise ConfigError(f"{where}: 'federation.start_round' > 0 continues an earlier job: set "
+                          "'federation.resume_from' too")
+    if cfg.federation.start_round >= cfg.federation.rounds:
+        raise ConfigError(f"{where}: 'federation.start_round' ({cfg.federation.start_round}) must be below "
+                          f"'federation.rounds' ({cfg.federation.rounds}): nothing would be left to run")
     if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
         raise ConfigError(
             f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"

@@ -1,6 +1,20 @@
-"""Export and inference: ONNX (verified against PyTorch), TensorRT (untested here), ``predict``."""
+"""Export and inference: ONNX (verified against PyTorch), TensorRT (untested here), ``predict``.
 
-from .onnx_export import ExportError, export_model, export_onnx
-from .predict import PredictError, load_runner, predict
+The names below are imported on first use (PEP 562), so ``pfedsam.export.cli`` and the
+``pfedsam`` parser load without torch or onnx.
+"""
 
-__all__ = ["ExportError", "PredictError", "export_model", "export_onnx", "load_runner", "predict"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {"ExportError": "onnx_export", "export_model": "onnx_export", "export_onnx": "onnx_export",
+          "PredictError": "predict", "load_runner": "predict", "predict": "predict"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

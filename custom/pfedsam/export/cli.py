@@ -7,8 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .onnx_export import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, OPSET, PROMPTS, export_onnx
-from .predict import ENGINES, predict
+from .names import DECODER_FILE, ENCODER_FILE, ENGINES, MANIFEST_FILE, OPSET, PROMPTS
 
 
 def _update_manifest(out: Path, section: dict) -> None:
@@ -20,6 +19,7 @@ def _update_manifest(out: Path, section: dict) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a site model to ONNX (and TensorRT engines when TensorRT is installed)."""
+    from .onnx_export import export_onnx
     from .tensorrt import build_engines, tensorrt_status, trtexec_commands
 
     manifest = export_onnx(args.model, args.out, prompt=args.prompt, opset=args.opset, verify=not args.no_verify)
@@ -56,6 +56,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment images; write masks, overlays, timings (and Dice with --masks)."""
+    from .predict import predict
+
     summary = predict(args.model, args.images, args.out, engine=args.engine, box=args.box,
                       box_from_masks=args.box_from_masks, masks_dir=args.masks, device=args.device,
                       threads=args.threads, warmup=args.warmup)

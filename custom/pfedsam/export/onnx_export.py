@@ -44,12 +44,7 @@ from ..model.checkpoint import load_site_model
 from ..model.lora import LoRALinear
 from ..model.pfedsam import PFedSAM
 
-OPSET = 17
-ENCODER_FILE = "image_encoder.onnx"
-DECODER_FILE = "mask_decoder.onnx"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = 1
-PROMPTS = ("none", "box")
+from .names import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, OPSET, PROMPTS  # noqa: F401
 
 
 class ExportError(RuntimeError):

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..data.transforms import preprocess_image, resized_hw
-from .onnx_export import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, sha256_file
+from .names import DECODER_FILE, ENCODER_FILE, ENGINES, MANIFEST_FILE  # noqa: F401
+from .onnx_export import sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-ENGINES = ("torch", "onnx", "tensorrt")
 _MANIFEST_KEYS = ("image_size", "normalization", "prompt", "threshold", "backbone", "files", "encoder", "decoder")
 
 

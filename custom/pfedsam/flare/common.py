@@ -18,8 +18,19 @@ FP16_KEY = "pfedsam_fp16"  # DXO meta key naming the arrays quantized to float16
 WIRE_BYTES_KEY = "pfedsam_wire_bytes"  # DXO meta key: array bytes as received, before dequantizing
 
 
+_CODE_CHECKED: set[str] = set()
+
+
 def job_config(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> PFedSAMConfig:
-    """The job's run settings, read from this app's config folder."""
+    """The job's run settings, read from this app's config folder.
+
+    The first call of a job in a process also checks that the imported pfedsam is the code the
+    job bundles (if it bundles any): every component reads the settings first, so a mismatch is
+    reported before other code misreads them.
+    """
+    if fl_ctx.get_job_id() not in _CODE_CHECKED:
+        check_shipped_code(fl_ctx)
+        _CODE_CHECKED.add(fl_ctx.get_job_id())
     workspace = fl_ctx.get_engine().get_workspace()
     path = Path(workspace.get_app_config_dir(fl_ctx.get_job_id())) / config_file
     return load_config(path)
@@ -63,24 +74,11 @@ def model_facts(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> ModelFacts
 
 
 def check_shipped_code(fl_ctx: FLContext) -> str:
-    """Fail when an installed pfedsam shadows a *different* copy shipped in the job's app/custom.
-
-    FLARE appends app/custom to sys.path, so an installed package of the same name wins. When it
-    is the same code (the editable install of the repo the job came from) that is harmless; when
-    it differs, a site would silently run other code than the job was built with.
-    """
+    """Fail when the pfedsam this process imports differs from the code the job bundles (``jobs.check_code``)."""
     from .. import jobs
 
-    imported = Path(jobs.PACKAGE_DIR)
-    shipped = Path(fl_ctx.get_engine().get_workspace().get_app_custom_dir(fl_ctx.get_job_id())) / "pfedsam"
-    if not shipped.is_dir() or shipped.resolve() == imported.resolve():
-        return f"pfedsam from {imported}"
-    if jobs.package_digest(imported) != jobs.package_digest(shipped):
-        raise RuntimeError(
-            f"the pfedsam package installed at {imported} differs from the copy shipped with this job "
-            f"({shipped}) and shadows it; uninstall it (pip uninstall pfedsam-flare) or install the job's version"
-        )
-    return f"pfedsam from {imported} (same code as the job's copy)"
+    custom = Path(fl_ctx.get_engine().get_workspace().get_app_custom_dir(fl_ctx.get_job_id()))
+    return jobs.check_code(custom)
 
 
 def resumed_run_dir(fl_ctx: FLContext, resume_from: str) -> Path:

@@ -1,6 +1,8 @@
-"""Server workflows: federated rounds sized by the job's YAML, then the final evaluation phase."""
+"""Server workflows: the federated rounds, then the final evaluation phase (sized in the JSON, from the YAML)."""
 
 from __future__ import annotations
+
+import inspect
 
 from nvflare.apis.client import Client
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
@@ -13,35 +15,70 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProcess
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
+from .. import jobs
+from ..config import PFedSAMConfig
 from .aggregator import ReportWriter
-from .common import CONFIG_FILE, completed_rounds, job_config, resumed_run_dir, run_dir
+from .common import (
+    CONFIG_FILE,
+    check_shipped_code,
+    completed_rounds,
+    job_config,
+    resumed_run_dir,
+    run_dir,
+)
 from .persistor import GLOBAL_FILE, load_weights
 
 
+def _given_args(cls: type, kwargs: dict) -> dict:
+    """The constructor arguments FLARE built ``cls`` with: the JSON's ``args`` over the signature's defaults."""
+    params = inspect.signature(cls.__init__).parameters
+    return {**{k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}, **kwargs}
+
+
+def check_settings(fl_ctx: FLContext, config_file: str, component: str, args: dict) -> PFedSAMConfig:
+    """Raise ValueError when a workflow's JSON arguments disagree with the job's YAML; return the config.
+
+    ``pfedsam job make`` / ``pfedsam job sync`` write the YAML's rounds, minimum sites, waits,
+    timeouts and task names into config_fed_server.json (``jobs.flare_settings``): the JSON is
+    what runs, and a hand edit of either file must not leave the two telling different stories.
+    """
+    cfg = job_config(fl_ctx, config_file)
+    wrong = jobs.settings_mismatch(cfg, component, args)
+    if wrong:
+        raise ValueError(f"config_fed_server.json workflow '{component}' disagrees with {config_file}: "
+                         f"{'; '.join(wrong)}. Regenerate the JSON from the YAML: pfedsam job sync --job JOB_FOLDER")
+    return cfg
+
+
 class PFedSAMScatterAndGather(ScatterAndGather):
-    """ScatterAndGather whose rounds, min_clients and waits come from the job's YAML (one settings file).
+    """ScatterAndGather that checks its JSON arguments against the job's YAML before the first round.
+
+    Rounds, start round, min_clients, waits, timeout and task name are ScatterAndGather's own
+    constructor arguments, written into the JSON from the YAML by ``pfedsam job make``; nothing
+    is changed at run time. With ``federation.resume_from`` the server also checks that the
+    resumed job completed exactly ``federation.start_round`` rounds.
 
     Arguments:
-      config_file (str): the job's YAML; ``federation.rounds``, ``min_clients``, ``wait_after_min_s``,
-        ``task_timeout_s`` override the JSON arguments of the same meaning.
-      **kwargs: passed on to ScatterAndGather (aggregator_id, persistor_id, ...).
+      config_file (str): the job's YAML in the app's config folder.
+      **kwargs: ScatterAndGather's arguments (num_rounds, start_round, min_clients, ...).
     """
 
     def __init__(self, config_file: str = CONFIG_FILE, **kwargs) -> None:
         super().__init__(**kwargs)
         self.config_file = config_file
+        self.flare_args = _given_args(ScatterAndGather, kwargs)
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        fed = job_config(fl_ctx, self.config_file).federation
-        self._num_rounds = fed.rounds
-        if fed.resume_from:  # continue the interrupted job's round numbering up to the same total
-            self._start_round = completed_rounds(resumed_run_dir(fl_ctx, fed.resume_from))
-            self._num_rounds = fed.rounds - self._start_round
-            if self._num_rounds <= 0:
-                raise ValueError(f"job '{fed.resume_from}' already finished all {fed.rounds} rounds")
-        self._min_clients = fed.min_clients
-        self._wait_time_after_min_received = fed.wait_after_min_s
-        self._train_timeout = fed.task_timeout_s
+        self.log_info(fl_ctx, check_shipped_code(fl_ctx))
+        fed = check_settings(fl_ctx, self.config_file, jobs.SAG_ID, self.flare_args).federation
+        if fed.resume_from:  # the round numbering continues where the interrupted job stopped
+            done = completed_rounds(resumed_run_dir(fl_ctx, fed.resume_from))
+            if done != fed.start_round:
+                left = f"the job then runs the remaining {fed.rounds - done}" if done < fed.rounds else \
+                    f"it already finished all {fed.rounds} rounds"
+                raise ValueError(f"federation.resume_from: job '{fed.resume_from}' completed {done} round(s) but "
+                                 f"federation.start_round is {fed.start_round}; set federation.start_round: {done} "
+                                 f"({left})")
         super().start_controller(fl_ctx)
 
 
@@ -85,15 +122,18 @@ class FinalEvaluation(ResponseProcessor):
 
 
 class PFedSAMBroadcast(BroadcastAndProcess):
-    """BroadcastAndProcess that waits for ``federation.min_clients`` responses (from the YAML)."""
+    """BroadcastAndProcess that checks its JSON arguments (min responses, wait, timeout) against the YAML.
+
+    Arguments:
+      config_file (str): the job's YAML in the app's config folder.
+      **kwargs: BroadcastAndProcess's arguments (processor, task_name, min_responses_required, ...).
+    """
 
     def __init__(self, config_file: str = CONFIG_FILE, **kwargs) -> None:
         super().__init__(**kwargs)
         self.config_file = config_file
+        self.flare_args = _given_args(BroadcastAndProcess, kwargs)
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        fed = job_config(fl_ctx, self.config_file).federation
-        self.min_responses_required = fed.min_clients
-        self.wait_time_after_min_received = fed.wait_after_min_s
-        self.timeout = fed.task_timeout_s
+        check_settings(fl_ctx, self.config_file, jobs.FINAL_ID, self.flare_args)
         super().start_controller(fl_ctx)

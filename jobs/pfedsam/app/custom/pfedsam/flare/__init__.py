@@ -1,1 +1,0 @@
-"""FLARE layer (the only one that imports nvflare): aggregator, filters, executor, workflows, report."""
