@@ -14,8 +14,9 @@
 #   --device D           device written into each site's config (auto, cpu, cuda, cuda:N; default auto)
 #   --threads T          torch CPU threads per site (default: CPU cores / sites, at least 1)
 #   --timeout S          submit: seconds to wait for the job (default 0 = no limit)
-#   --set KEY=VALUE      submit: override a top-level key of the job's server config (repeatable;
-#                        e.g. resume: --set start_round=3 --set num_rounds=2 --set resume_ckpt=...)
+#   --set KEY=VALUE      submit: override a key of the job's pfedsam.yaml, written through into its FLARE
+#                        config (repeatable; e.g. resume: --set federation.resume_from=JOB_ID
+#                        --set federation.start_round=N)
 #   --start-timeout S    start: seconds for server + sites to come up (default 90)
 #   --stop-timeout S     stop: seconds for a graceful stop before processes are killed (default 40)
 #
@@ -237,6 +238,30 @@ EOF
   done
 }
 
+allow_pfedsam_classes() {  # every participant: FLARE's default class allow-list + pfedsam.flare. (local/resources.json)
+  # What a production site without custom code does (docs/deploy.md): jobs made with --no-custom then run
+  # from the installed package; jobs with an app/custom folder (bring-your-own-code) skip the list anyway.
+  local kit
+  for kit in "$(prod_dir)/$SERVER_NAME" $(for s in $(site_names); do echo "$(prod_dir)/$s"; done); do
+    "$PYTHON" - "$kit/local" <<'EOF'
+import json, os, sys
+local = sys.argv[1]
+src = os.path.join(local, "resources.json")
+if not os.path.isfile(src):
+    src = os.path.join(local, "resources.json.default")
+with open(src) as f:
+    resources = json.load(f)
+if "class_allow_list" not in resources:
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+    resources["class_allow_list"] = list(DEFAULT_CLASS_ALLOW_LIST)
+if "pfedsam.flare." not in resources["class_allow_list"]:
+    resources["class_allow_list"].append("pfedsam.flare.")
+with open(os.path.join(local, "resources.json"), "w") as f:
+    json.dump(resources, f, indent=2)
+EOF
+  done
+}
+
 # ------------------------------------------------------------------------------------ commands
 do_prepare() {
   require_nvflare
@@ -294,11 +319,12 @@ do_prepare() {
   fi
   [[ -d "$(prod_dir)/$ADMIN_USER/startup" ]] || die "provisioning wrote no admin kit under $(prod_dir)"
   write_site_configs
+  allow_pfedsam_classes
   cat >"$SETTINGS" <<EOF
 P_SITES=$sites
 P_PORT=$port
 EOF
-  info "prepared: kits in $(prod_dir); site configs in <site kit>/local/pfedsam_site.yaml"
+  info "prepared: kits in $(prod_dir); site configs in <site kit>/local/pfedsam_site.yaml; pfedsam.flare. allow-listed"
 }
 
 start_one() {  # start_one NAME: the kit's service loop in its own session, marked

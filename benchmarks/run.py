@@ -35,14 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "custom"))
+from pfedsam.config import load_config
+from pfedsam.data import discover_sites, load_split
+from pfedsam.jobs import make_variant, variant_config
+from pfedsam.model import ParamKind, build_pfedsam
+from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round
 
-from pfedsam.config import load_config  # noqa: E402
-from pfedsam.data import discover_sites, load_split  # noqa: E402
-from pfedsam.jobs import make_variant, variant_config  # noqa: E402
-from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
-from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its jobs/ and results/ (the code is the installed package)
 
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
 FEDERATED = ["pfedsam", "fedavg", "local", "ditto", "fedavg-ft", "fedprox", "pfedsam-nokd", "pfedsam-nolmoe",

@@ -4,10 +4,11 @@ All tests here carry the ``slow`` marker (each POC start/stop costs about half a
 
 * ``test_provision_kits``: ``nvflare provision`` of ``provisioning/project.yml`` into tmp; every
   participant's startup kit is complete.
-* ``test_job_completes``: ``poc_setup.sh submit`` runs the job to FINISHED:COMPLETED, downloads
-  it and prints the per-site table from ``report.json`` (every site must have metrics). The job
-  is ``jobs/pfedsam-tiny``, else the same variant generated from ``jobs/pfedsam``, else the test
-  skips; ``PFEDSAM_DEPLOY_JOB=DIR`` overrides it, and ``PFEDSAM_DEPLOY_JOB=hello`` uses the
+* ``test_job_completes``: ``poc_setup.sh submit`` runs the ``pfedsam-tiny`` variant of
+  ``jobs/pfedsam`` to FINISHED:COMPLETED, downloads it and prints the per-site table from
+  ``report.json`` (every site must have metrics), once per code route (``deploy_job``): the
+  installed package without custom code, the same marked bring-your-own-code, and the bundled
+  package. ``PFEDSAM_DEPLOY_JOB=DIR`` runs that job instead, ``PFEDSAM_DEPLOY_JOB=hello`` the
   numpy-only job written by :func:`write_hello_job`.
 * ``test_abort_job``: a deliberately slow numpy job is aborted through the admin API and ends
   FINISHED:ABORTED.
@@ -170,7 +171,6 @@ pytestmark = pytest.mark.slow
 
 POC_SH = ROOT / "poc_setup.sh"
 PROJECT_YML = ROOT / "provisioning" / "project.yml"
-TINY_JOB = ROOT / "jobs" / "pfedsam-tiny"
 ADMIN_USER = "admin@pfedsam.poc"  # poc_setup.sh's project admin
 
 needs_nvflare = pytest.mark.skipif(shutil.which("nvflare") is None, reason="nvflare is not installed")
@@ -296,32 +296,32 @@ def poc(tmp_path_factory, request):
     return p
 
 
-@pytest.fixture
-def deploy_job(tmp_path) -> Path:
-    """The job test (a) runs.
+CODE_ROUTES = ("none", "installed", "bundle")  # see pfedsam.jobs: no custom folder / README-only / bundled package
 
-    ``$PFEDSAM_DEPLOY_JOB`` (a job folder, or ``hello`` for the numpy job) wins; else
-    ``jobs/pfedsam-tiny``; else the ``pfedsam-tiny`` variant generated from ``jobs/pfedsam``
-    (``pfedsam job make``); else the test skips.
+
+@pytest.fixture(params=CODE_ROUTES)
+def deploy_job(tmp_path, request) -> Path:
+    """The job test (a) runs, once per way the code reaches the participants.
+
+    ``none``: no ``app/custom`` (the production route without custom code): the installed
+    package, allowed by ``pfedsam.flare.`` in every participant's class allow-list (which
+    ``poc_setup.sh`` writes). ``installed``: the same code, the job marked bring-your-own-code
+    by a README-only ``app/custom``. ``bundle``: ``pfedsam job make --bundle-code``, checked
+    against the imported package by digest. ``$PFEDSAM_DEPLOY_JOB`` (a job folder, or ``hello``
+    for the numpy job) replaces all three.
     """
     override = os.environ.get("PFEDSAM_DEPLOY_JOB", "")
+    if override and request.param != CODE_ROUTES[0]:
+        pytest.skip("PFEDSAM_DEPLOY_JOB is set: one run of that job")
     if override == "hello":
         return write_hello_job(tmp_path / "hello-np", rounds=2)
     if override:
         job = Path(override)
         assert (job / "meta.json").is_file(), f"PFEDSAM_DEPLOY_JOB={override} is not a job folder (no meta.json)"
         return job
-    if (TINY_JOB / "meta.json").is_file():
-        return TINY_JOB
-    main_job = ROOT / "jobs" / "pfedsam"
-    try:
-        from pfedsam.jobs import VARIANTS, make_variant
-    except ImportError:
-        VARIANTS, make_variant = {}, None
-    if make_variant is not None and "pfedsam-tiny" in VARIANTS and (main_job / "meta.json").is_file():
-        return make_variant("pfedsam-tiny", tmp_path, main_job)
-    pytest.skip(f"{TINY_JOB.relative_to(ROOT)} does not exist yet and cannot be generated from jobs/pfedsam "
-                f"(set PFEDSAM_DEPLOY_JOB=hello, or to a job folder, to run this test against another job)")
+    from pfedsam.jobs import make_variant
+
+    return make_variant("pfedsam-tiny", tmp_path, ROOT / "jobs" / "pfedsam", code=request.param)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,6 +439,11 @@ def test_job_completes(deploy_job, poc):
         assert "pers. Dice" in out and "site-1" in out, "submit printed no per-site table"
     else:
         assert "no report.json" in out
+    if not os.environ.get("PFEDSAM_DEPLOY_JOB"):  # the server says which code it ran (jobs.check_code)
+        bundled = (deploy_job / "app" / "custom" / "pfedsam_bundle.json").is_file()
+        want = "same as the job's bundle" if bundled else "installed; the job bundles no code"
+        logs = "".join(f.read_text(errors="replace") for f in job_dir.rglob("log*.txt"))
+        assert want in logs, f"the server log of {job_dir} does not say '{want}'"
     # the job's own processes (server job process, one per site) end with it
     job_id = job_dir.name
     assert wait_until(lambda: not {p: c for p, c in marked_procs(poc.marker).items() if job_id in c}, 30), \

@@ -146,10 +146,10 @@ def test_fp16_compression_halves_the_bytes(tmp_path):
         assert c["bytes_received"] == fp32_bytes // 2
 
 
-def _simulate(job: Path, ws: Path, cwd: Path) -> str:
+def _simulate(job: Path, ws: Path, cwd: Path, env: dict | None = None) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
+        cwd=cwd, capture_output=True, text=True, timeout=600, env=env,
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -166,7 +166,7 @@ def test_resume_from_an_interrupted_job(tmp_path):
     for part in ("server", "site-1", "site-2"):  # the interrupted job's run folders, one per participant
         shutil.copytree(tmp_path / "ws1" / part / "simulate_job", archive / part)
     second = make_variant("pfedsam-tiny", tmp_path / "b", ROOT / "jobs" / "pfedsam", extra={
-        **common, "federation": {"rounds": 2, "export_format": "none", "resume_from": str(archive)}})
+        **common, "federation": {"rounds": 2, "export_format": "none", "resume_from": str(archive), "start_round": 1}})
     log = _simulate(second, ws, tmp_path)
     report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1]
@@ -203,3 +203,24 @@ def test_ditto_keeps_a_personal_copy_that_never_leaves_the_site(tmp_path):
             np.testing.assert_array_equal(saved[k].float().numpy(), v)
         for c in (e["sites"][site] for e in report["rounds"]):
             assert c["accepted"] and c["metrics"]["personal_steps"] > 0
+
+
+def test_bundled_job_runs_without_the_installed_package(tmp_path):
+    """--bundle-code: every participant imports the job's own copy when no pfedsam is installed."""
+    job = make_variant("pfedsam-tiny", tmp_path / "jobs", ROOT / "jobs" / "pfedsam", code="bundle", extra={
+        "federation": {"rounds": 1, "export_format": "none"}, "data": {"synthetic_dir": str(tmp_path / "synthetic")}})
+    # Hide every installed pfedsam (editable .pth entry, PYTHONPATH) in each process the simulator starts;
+    # FLARE appends the job's app/custom to sys.path after this ran.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "sys.path[:] = [p for p in sys.path if not os.path.isfile(os.path.join(p or '.', 'pfedsam', '__init__.py'))]\n")
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    probe = subprocess.run([sys.executable, "-c", "import pfedsam"], env=env, cwd=tmp_path, capture_output=True)
+    assert probe.returncode != 0, "pfedsam is still importable: the test would not show the bundle running"
+    log = _simulate(job, tmp_path / "ws", tmp_path, env=env)
+    for part, app in (("server", "app_server"), ("site-1", "app_site-1"), ("site-2", "app_site-2")):
+        assert f"{part}/simulate_job/{app}/custom/pfedsam (digest" in log, f"{part} did not run the bundled code"
+    report = json.loads((tmp_path / "ws" / "server" / "simulate_job" / "report.json").read_text())
+    assert set(report["final"]) == {"site-1", "site-2"}

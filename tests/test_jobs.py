@@ -12,13 +12,13 @@ import pytest
 from pfedsam import __version__
 from pfedsam.config import ConfigError, load_config
 from pfedsam.jobs import (
+    _CUSTOM_README_TEXT,
     BUNDLE_FILE,
     CUSTOM_README,
     FINAL_TASK,
     PACKAGE_DIR,
     TRAIN_TASK,
     VARIANTS,
-    _CUSTOM_README_TEXT,
     check_code,
     flare_settings,
     make_variant,

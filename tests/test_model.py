@@ -265,3 +265,23 @@ def test_cached_and_uncached_paths_give_same_loss_and_gradients(tmp_path):
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backbone,overrides,device", [
+    ("tiny", [], "meta"),
+    ("tiny", ["decoder=lora", "lora.encoder_blocks=2", "lmoe.placement=blocks"], "meta"),
+    ("vit_b", ["image_size=256"], "meta"),
+    ("litemedsam", [], "cpu"),  # TinyViT calls .item() while building: CPU, but no checkpoint read
+])
+def test_weightless_build_has_the_same_names(backbone, overrides, device, monkeypatch):
+    """What the sites' filters use: the registry's names from a build that reads no weights."""
+    import pfedsam.model.backbones as backbones
+
+    cfg = load_config(None, [f"backbone={backbone}", *overrides])
+    real = build_pfedsam(cfg)
+    monkeypatch.setattr(backbones, "_read_state", lambda *a: pytest.fail("the weight-less build read a checkpoint"))
+    skeleton = build_pfedsam(cfg, weights=False)
+    assert {p.device.type for p in skeleton.parameters()} == {device}
+    for kind in ParamKind:
+        assert skeleton.registry.names(kind) == real.registry.names(kind)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}

@@ -43,7 +43,6 @@ from ..config import PFedSAMConfig, resolved_image_size
 from ..model.checkpoint import load_site_model
 from ..model.lora import LoRALinear
 from ..model.pfedsam import PFedSAM
-
 from .names import DECODER_FILE, ENCODER_FILE, MANIFEST_FILE, MANIFEST_FORMAT, OPSET, PROMPTS  # noqa: F401
 
 

@@ -398,19 +398,13 @@ def _set_yaml_key(path: Path, key: str, value, job: Path) -> None:
         node = node[part]
     node[parts[-1]] = value
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from pfedsam.config import ConfigError
+    from pfedsam.jobs import sync_job
+
     try:
-        from pfedsam.config import load_config
-    except ImportError:
-        return
-    try:
-        cfg = load_config(path)
-    except Exception as e:
+        sync_job(job)  # FLARE runs what the JSON says: rounds, min_clients, ... follow the YAML
+    except (ConfigError, ValueError) as e:
         raise AdminError(f"--set {key}={value!r}: {e}") from e
-    meta_path = job / "meta.json"
-    if key == "federation.min_clients" and meta_path.is_file():  # FLARE schedules by meta.json
-        meta = json.loads(meta_path.read_text())
-        meta["min_clients"] = cfg.federation.min_clients
-        meta_path.write_text(json.dumps(meta, indent=2))
 
 
 def check_sites(sess, job: Path) -> None:

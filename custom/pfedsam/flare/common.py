@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +44,31 @@ def app_dir(fl_ctx: FLContext) -> Path:
     return Path(fl_ctx.get_engine().get_workspace().get_app_dir(fl_ctx.get_job_id()))
 
 
-@dataclass(frozen=True)
 class ModelFacts:
-    """The registry's verdict for this job's model: which names are global/local, initial G(0)."""
+    """The registry's verdict for this job's model: which names are global/local, and G(0).
 
-    global_names: frozenset[str]
-    local_names: frozenset[str]
-    initial_global: dict[str, np.ndarray]
+    The names come from a weight-less build (``build_pfedsam(cfg, weights=False)``): a site's
+    filters need only them. ``initial_global`` (the server's persistor and report) builds the
+    real model on first use.
+    """
+
+    def __init__(self, cfg: PFedSAMConfig) -> None:
+        self.cfg = cfg
+        skeleton = build_pfedsam(cfg, weights=False)
+        self.global_names = frozenset(skeleton.registry.names(ParamKind.GLOBAL))
+        self.local_names = frozenset(skeleton.registry.names(ParamKind.LOCAL))
+        self._initial: dict[str, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def initial_global(self) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._initial is None:
+                model = build_pfedsam(self.cfg)
+                self._initial = {k: v.float().numpy() for k, v in global_state(model).items()}
+                if set(self._initial) != self.global_names:
+                    raise RuntimeError("the weight-less and the real model disagree on the global names")
+            return self._initial
 
 
 _FACTS: dict[tuple[str, str], ModelFacts] = {}
@@ -59,17 +76,11 @@ _LOCK = threading.Lock()
 
 
 def model_facts(fl_ctx: FLContext, config_file: str = CONFIG_FILE) -> ModelFacts:
-    """Build the job's model once per process and keep what the filters and aggregator need."""
+    """The job's ModelFacts, built once per process (names without weights; G(0) when first asked)."""
     key = (fl_ctx.get_job_id(), config_file)
     with _LOCK:
         if key not in _FACTS:
-            cfg = job_config(fl_ctx, config_file)
-            model = build_pfedsam(cfg)
-            _FACTS[key] = ModelFacts(
-                global_names=frozenset(model.registry.names(ParamKind.GLOBAL)),
-                local_names=frozenset(model.registry.names(ParamKind.LOCAL)),
-                initial_global={k: v.float().numpy() for k, v in global_state(model).items()},
-            )
+            _FACTS[key] = ModelFacts(job_config(fl_ctx, config_file))
         return _FACTS[key]
 
 

