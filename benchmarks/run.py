@@ -363,7 +363,7 @@ def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_si
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from pfedsam.export.predict import predict, read_rgb
+    from pfedsam.export.inference import predict, read_rgb
 
     rows = dict(_rows(results, "none", 0))
     methods = [m for m in methods if "workspace" in rows.get(m, {})]

@@ -299,3 +299,23 @@ def test_merged_lora_restores_the_model(tmp_path):
     assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 2
     assert torch.allclose(ref, merged, atol=1e-5) and torch.equal(ref, again)
     assert math.isfinite(float(ref.abs().max()))
+
+
+def test_overlays_draw_the_ground_truth_when_masks_are_given(tiny_box, tmp_path):
+    from pfedsam.export.inference import TRUTH_CONTOUR, contour, overlay
+
+    folder, image = tiny_box
+    w, h = Image.open(image).size
+    truth = np.zeros((h, w), dtype=bool)
+    truth[10:30, 8:20] = True
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(truth.astype(np.uint8) * 255).save(tmp_path / "gt" / "good.png")
+    magenta = np.array(TRUTH_CONTOUR, dtype=np.uint8)
+    for masks, drawn in ((None, False), (tmp_path / "gt", True)):
+        out = tmp_path / f"out-{drawn}"
+        predict(folder, [image], out, box="2,3,40,50", masks_dir=masks, warmup=0)
+        pixels = np.asarray(Image.open(out / "overlays" / "good.png").convert("RGB"))
+        on_border = np.all(pixels[contour(truth)] == magenta, axis=-1)
+        assert on_border.all() if drawn else not on_border.any()
+    plain = np.zeros((4, 4, 3), dtype=np.uint8)
+    assert not np.all(overlay(plain, np.zeros((4, 4), bool)) == magenta, axis=-1).any()

@@ -436,3 +436,17 @@ def test_fp16_is_a_no_op_when_compression_is_off(job, facts):
     out = from_shareable(Fp16Quantizer().process(_result(sent, "site-1", 1), job.ctx()))
     assert FP16_KEY not in out.meta
     assert all(v.dtype == np.float32 for v in out.data.values())
+
+
+def test_report_markdown_gives_each_round_wall_time_once():
+    report = RunReport({"name": "t"})
+    for rnd, seconds in ((0, 12.5), (1, 7.25)):
+        report.start_round(rnd)
+        for site in ("site-1", "site-2", "site-3"):
+            report.add_contribution(rnd, site, ["a"], 8, {"val_dice_personalized": 0.5}, True, num_steps=3)
+        report.end_round(rnd, True)
+        report.data["rounds"][rnd]["wall_time_s"] = seconds
+    text = report.to_markdown()
+    assert text.count("12.5") == 1 and text.count("7.25") == 1
+    assert "| 0 | 3 | 0 | yes | 12.5" in text
+    assert "wall time" not in text.split("## Sites per round")[1]

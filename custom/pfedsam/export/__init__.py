@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _WHERE = {"ExportError": "onnx_export", "export_model": "onnx_export", "export_onnx": "onnx_export",
-          "PredictError": "predict", "load_runner": "predict", "predict": "predict"}
+          "PredictError": "inference", "load_runner": "inference", "predict": "inference"}
 __all__ = sorted(_WHERE)
 
 

@@ -56,7 +56,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment images; write masks, overlays, timings (and Dice with --masks)."""
-    from .predict import predict
+    from .inference import predict
 
     summary = predict(args.model, args.images, args.out, engine=args.engine, box=args.box,
                       box_from_masks=args.box_from_masks, masks_dir=args.masks, device=args.device,

@@ -73,15 +73,20 @@ class RunReport:
         lines = [f"# pFedSAM run report: {job.get('name', '')}", ""]
         if job:
             lines += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in job.items()] + [""]
-        lines += ["## Rounds", "", "| round | site | accepted | personalized val Dice | global val Dice | "
-                  "bytes received | steps | wall time s |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Rounds", "", "| round | sites accepted | sites rejected | global updated | wall time s |",
+                  "|---|---|---|---|---|"]
+        for entry in self.data["rounds"]:  # the round's wall time once, not on every site's row
+            updated = {True: "yes", False: "no"}.get(entry.get("global_updated"), "-")
+            lines.append(f"| {entry['round']} | {entry.get('accepted', 0)} | {entry.get('rejected', 0)} | {updated} | "
+                         f"{_fmt(entry.get('wall_time_s'))} |")
+        lines += ["", "## Sites per round", "", "| round | site | accepted | personalized val Dice | global val Dice | "
+                  "bytes received | steps |", "|---|---|---|---|---|---|---|"]
         for entry in self.data["rounds"]:
             for site, c in sorted(entry["sites"].items()):
                 m = c["metrics"]
                 acc = "yes" if c["accepted"] else f"no: {c['reason']}"
                 lines.append(f"| {entry['round']} | {site} | {acc} | {_fmt(m.get('val_dice_personalized'))} | "
-                             f"{_fmt(m.get('val_dice_global'))} | {c['bytes_received']:,} | {_fmt(c['num_steps'])} | "
-                             f"{_fmt(entry['wall_time_s'])} |")
+                             f"{_fmt(m.get('val_dice_global'))} | {c['bytes_received']:,} | {_fmt(c['num_steps'])} |")
         if self.data["final"]:
             lines += ["", "## Final (test split)", "", "| site | personalized Dice | personalized HD95 | "
                       "global Dice | global HD95 | test images | export |", "|---|---|---|---|---|---|---|"]

@@ -6,7 +6,8 @@ runs the image encoder (with the site's experts) and the mask decoder, crops the
 size, then thresholds. It writes, under the output folder:
 
 - ``masks/<stem>.png``: the binary mask at the original image size (0 / 255);
-- ``overlays/<stem>.png``: the image with the mask tinted green and its contour in yellow;
+- ``overlays/<stem>.png``: the image with the mask tinted green and its contour in yellow (and,
+  with ground-truth masks, the truth's contour in magenta);
 - ``timings.json``: per-image milliseconds (read + preprocess, encoder, decoder, post-process)
   and images/s;
 - ``metrics.json`` when ground-truth masks are given (same file stem): Dice per image and the
@@ -359,14 +360,25 @@ def load_runner(model_dir: str | Path, engine: str | None = None, device: str = 
 
 
 # -- outputs ------------------------------------------------------------------------------------------------
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """The image with the mask tinted green and its one-pixel contour drawn in yellow."""
+PRED_CONTOUR = (255, 255, 0)  # yellow
+TRUTH_CONTOUR = (255, 0, 255)  # magenta: the ground truth, drawn over the prediction
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner border of a boolean mask (4-neighbourhood)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]) & mask
+    return mask & ~interior
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.4) -> np.ndarray:
+    """The image with the mask tinted green, its contour in yellow and, given, the truth's contour in magenta."""
     out = image.astype(np.float32)
     tint = np.array([0, 255, 0], dtype=np.float32)
     out[mask] = (1 - alpha) * out[mask] + alpha * tint
-    padded = np.pad(mask, 1, constant_values=False)
-    interior = (padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]) & mask
-    out[mask & ~interior] = (255, 255, 0)
+    out[contour(mask)] = PRED_CONTOUR
+    if truth is not None:
+        out[contour(truth.astype(bool))] = TRUTH_CONTOUR
     return out.round().clip(0, 255).astype(np.uint8)
 
 
@@ -471,7 +483,7 @@ def predict(
         mask = logits_to_mask(logits, valid_hw, orig_hw, runner.threshold)
         t4 = time.perf_counter()
         Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{f.stem}.png")
-        Image.fromarray(overlay(image, mask)).save(out / "overlays" / f"{f.stem}.png")
+        Image.fromarray(overlay(image, mask, truth)).save(out / "overlays" / f"{f.stem}.png")
         t5 = time.perf_counter()
         row = {"image": str(f), "height": orig_hw[0], "width": orig_hw[1],
                "read_preprocess_ms": _ms(t1 - t0), "encoder_ms": _ms(t2 - t1), "decoder_ms": _ms(t3 - t2),
