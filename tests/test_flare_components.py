@@ -41,6 +41,9 @@ class _Workspace:
     def get_app_dir(self, job_id: str) -> str:
         return str(self.root / "app")
 
+    def get_app_custom_dir(self, job_id: str) -> str:
+        return str(self.root / "app" / "custom")
+
     def get_run_dir(self, job_id: str) -> str:
         return str(self.root)
 
