@@ -37,8 +37,8 @@ def test_readme_expected_dice_is_the_recorded_run():
     report = json.loads(DEFAULT_REPORT.read_text())
     assert report["job"].get("name") == "pfedsam" and len(report["final"]) == 4
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
-    assert expected_result_table(report) in README.read_text(), \
-        "README's expected-result table differs from results/default/report.json"
+    table = expected_result_table(report)
+    assert table in README.read_text(), f"README's expected-result table differs from {DEFAULT_REPORT}; it says:\n{table}"
 
 
 @pytest.mark.parametrize("text", [
