@@ -38,7 +38,7 @@ def test_readme_expected_dice_is_the_recorded_run():
     assert report["job"].get("name") == "pfedsam" and len(report["final"]) == 4
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     table = expected_result_table(report)
-    assert table in README.read_text(), f"README's expected-result table differs from {DEFAULT_REPORT}; it says:\n{table}"
+    assert table in README.read_text(), f"README's expected-result table differs from {DEFAULT_REPORT}:\n{table}"
 
 
 @pytest.mark.parametrize("text", [
