@@ -34,9 +34,20 @@ def test_config_reference_is_the_generated_table():
 
 
 def test_readme_expected_dice_is_the_recorded_run():
+    """The recorded run is the committed job with today's settings and budget; the README quotes it."""
+    from pfedsam.config import load_config
+    from pfedsam.flare.report import budget_facts
+
     report = json.loads(DEFAULT_REPORT.read_text())
-    assert report["job"].get("name") == "pfedsam" and len(report["final"]) == 4
-    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    cfg = load_config(ROOT / "jobs" / "pfedsam" / "app" / "config" / "pfedsam.yaml")
+    settings = {"mode": cfg.federation.mode, "backbone": cfg.backbone, "rounds": cfg.federation.rounds,
+                "local_steps": cfg.train.local_steps, "global_steps": cfg.train.global_steps,
+                "schedule": cfg.train.schedule, "kd_weight": cfg.train.kd_weight, "num_experts": cfg.lmoe.num_experts,
+                "prompt": cfg.prompt, "compression": cfg.federation.compression, **budget_facts(cfg)}
+    recorded = {k: report["job"].get(k) for k in settings}
+    assert recorded == settings, "results/default was recorded with other settings: re-record it (see its README.md)"
+    assert sorted(report["final"]) == [f"site-{i}" for i in range(1, 5)]
+    assert [r["round"] for r in report["rounds"]] == list(range(cfg.federation.rounds))
     table = expected_result_table(report)
     assert table in README.read_text(), f"README's expected-result table differs from {DEFAULT_REPORT}:\n{table}"
 
