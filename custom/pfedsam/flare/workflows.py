@@ -13,6 +13,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.broadcast_and_process import BroadcastAndProcess
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 
+from ..config import task_timeout
 from .aggregator import ReportWriter
 from .common import CONFIG_FILE, completed_rounds, job_config, resumed_run_dir, run_dir
 from .persistor import GLOBAL_FILE, load_weights
@@ -41,7 +42,7 @@ class PFedSAMScatterAndGather(ScatterAndGather):
                 raise ValueError(f"job '{fed.resume_from}' already finished all {fed.rounds} rounds")
         self._min_clients = fed.min_clients
         self._wait_time_after_min_received = fed.wait_after_min_s
-        self._train_timeout = fed.task_timeout_s
+        self._train_timeout = task_timeout(job_config(fl_ctx, self.config_file))
         super().start_controller(fl_ctx)
 
 
@@ -95,5 +96,5 @@ class PFedSAMBroadcast(BroadcastAndProcess):
         fed = job_config(fl_ctx, self.config_file).federation
         self.min_responses_required = fed.min_clients
         self.wait_time_after_min_received = fed.wait_after_min_s
-        self.timeout = fed.task_timeout_s
+        self.timeout = task_timeout(job_config(fl_ctx, self.config_file))
         super().start_controller(fl_ctx)
