@@ -1,0 +1,294 @@
+"""A federation that survives faulty and hostile sites (issue 12), tried as an attacker would.
+
+One simulator run of the tiny job with 7 sites: three honest ones of different sizes and four
+that misbehave, each in its own way (tests/hostile_executor.py): an unbounded / changed
+aggregation weight, huge values plus a false perfect Dice, local values smuggled as metrics, and
+a site process that dies in round 1. The other defects are tested on the components: the
+aggregation rules, a poisoned global model at a site, the state files, the metric allow-list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfedsam.config import ConfigError, load_config, task_timeout
+from pfedsam.data.synth import write_synthetic_sites
+from pfedsam.flare.aggregation import check_weight, outlying_updates, robust_combine, update_norm
+from pfedsam.flare.executor import allowed_metrics, check_incoming_global
+from pfedsam.jobs import make_variant
+from pfedsam.train import SiteTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+HONEST = ("site-1", "site-2", "site-3")
+ROLES = {"site-4": "weights", "site-5": "huge", "site-6": "meta", "site-7": "dead"}
+ROUNDS = 3
+
+
+# -- aggregation rules, no FLARE --------------------------------------------------------------------------
+@pytest.mark.parametrize("weight,declared,words", [
+    (float("inf"), None, "finite"), (float("nan"), None, "finite"), (0, None, "positive"), (-3, None, "positive"),
+    (2.5, None, "integer"), (True, None, "positive integer"), ("12", None, "positive integer"),
+    (None, None, "got None"),
+    (12000, 12, "above the 12"), (11, 12, "changed from the 12"),
+])
+def test_check_weight_rejects(weight, declared, words):
+    reason = check_weight(weight, declared, "example count")
+    assert reason is not None and words in reason, reason
+
+
+@pytest.mark.parametrize("weight,declared", [(12, None), (12, 12), (12.0, 12), (np.int64(7), 7), (1, None)])
+def test_check_weight_accepts(weight, declared):
+    assert check_weight(weight, declared) is None
+
+
+def _site(value: float, n: int = 6) -> dict:
+    return {"a": np.full(n, value, np.float32), "b": np.full((2, 2), -value, np.float32)}
+
+
+@pytest.mark.parametrize("norms,ratio,fallback,flagged", [
+    ({"s1": 1.0, "s2": 1.2, "s3": 1e30}, 100, None, {"s3"}),
+    ({"s1": 1.0, "s2": 1e30}, 100, None, {"s2"}),  # two sites: each compared with the OTHER one
+    ({"s1": 1.0, "s2": 50.0, "s3": 1.1}, 100, None, set()),
+    ({"s1": 1.0, "s2": 1e30}, 0, None, set()),  # 0 = no bound
+    ({"s1": 1e6}, 100, 1.0, {"s1"}),  # alone: compared with an earlier round's median
+    ({"s1": math.inf, "s2": 1.0}, 100, None, {"s1"}),
+])
+def test_outlying_updates(norms, ratio, fallback, flagged):
+    assert set(outlying_updates(norms, ratio, fallback)) == flagged
+
+
+def test_update_norm_overflow_is_inf_not_nan():
+    ref = _site(0.0)
+    assert update_norm(_site(1.0), ref) == pytest.approx(math.sqrt(6 + 4))
+    assert update_norm({"a": np.full(6, 1e200), "b": np.zeros((2, 2))}, ref) == math.inf
+
+
+@pytest.mark.parametrize("rule,expected_a", [
+    ("mean", (1 * 10 + 3 * 30 + 1e6 * 1) / 5),  # weighted by 1, 3, 1: the bad site pulls the mean
+    ("median", 30.0),
+    ("trimmed_mean", 30.0),  # 3 sites, one dropped per end: the middle one
+])
+def test_robust_combine_with_one_bad_site(rule, expected_a):
+    contributions = [(_site(10.0), 1.0), (_site(30.0), 3.0), (_site(1e6), 1.0)]
+    out = robust_combine(contributions, rule, 0.2)
+    np.testing.assert_allclose(out["a"], expected_a, rtol=1e-6)
+    assert out["a"].dtype == np.float32
+
+
+def test_weighted_mean_of_sites_of_different_sizes():
+    """FedAvg weights by examples: a site with 30 images counts 3x one with 10."""
+    out = robust_combine([(_site(1.0), 10.0), (_site(5.0), 30.0)], "mean")
+    np.testing.assert_allclose(out["a"], (10 * 1 + 30 * 5) / 40)
+
+
+# -- config edge cases --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,words", [
+    ("train:\n  lr_global: .nan\n", "finite"),
+    ("train:\n  lr_local: .inf\n", "finite"),
+    ("train:\n  local_steps: 3\n  local_steps: 5\n", "duplicate key 'local_steps'"),
+    ("federation:\n  rounds: 2\nfederation:\n  rounds: 3\n", "duplicate key 'federation'"),
+    ("federation:\n  weighting: votes\n", "federation.weighting"),
+    ("federation:\n  aggregation: max\n", "federation.aggregation"),
+    ("federation:\n  trim_fraction: 0.5\n", "trim_fraction"),
+])
+def test_config_rejects(tmp_path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_default_task_timeout_is_finite_and_scales_with_work():
+    small = load_config(overrides=["train.local_steps=1", "train.global_steps=1"])
+    big = load_config(overrides=["train.local_steps=100", "train.global_steps=100"])
+    assert 0 < task_timeout(small) < task_timeout(big) < math.inf
+    assert task_timeout(load_config(overrides=["federation.task_timeout_s=7"])) == 7
+
+
+# -- the site: poisoned global model, state files, metric allow-list ----------------------------------------
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("site")
+    cfg = load_config(overrides={"backbone": "tiny", "train": {"device": "cpu", "num_threads": 1, "cache": "none"},
+                                 "data": {"synthetic_dir": str(tmp / "synthetic"), "synthetic_sites": 2,
+                                          "synthetic_per_site": 8}})
+    return SiteTrainer(cfg, "site-1", workdir=tmp / "work")
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "missing"])
+def test_site_refuses_a_poisoned_global_model(trainer, poison):
+    weights = trainer.get_global_state()
+    name = sorted(weights)[0]
+    if poison == "missing":
+        del weights[name]
+    else:
+        weights[name] = np.full_like(weights[name], float(poison))
+    with pytest.raises(ValueError, match="misses" if poison == "missing" else "NaN/Inf"):
+        check_incoming_global(weights, trainer.global_names())
+
+
+def test_site_never_saves_a_non_finite_state_and_keeps_the_last_good_one(trainer, tmp_path):
+    path = tmp_path / "pfedsam_local_state.pt"
+    good = trainer.get_local_state()
+    trainer.save_local_state(path, 0)
+    trainer.save_local_state(path, 1)
+    with torch.no_grad():  # trained into NaN (set_local_state itself refuses NaN)
+        for name, param in trainer.model.named_parameters():
+            if name in good:
+                param.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        trainer.save_local_state(path, 2)
+    assert torch.load(path, weights_only=True)["round"] == 1  # untouched
+    assert trainer.load_local_state(path, before_round=2)
+    for k, v in trainer.get_local_state().items():
+        np.testing.assert_array_equal(v, good[k])
+
+
+def test_state_of_a_round_already_trained_is_skipped_for_its_backup(trainer, tmp_path):
+    """A resumed round r must start from the state of round r-1, never train round r twice."""
+    path = tmp_path / "state.pt"
+    before = trainer.get_local_state()
+    trainer.save_local_state(path, 3)
+    trainer.set_local_state({k: v + 1.0 for k, v in before.items()})
+    trainer.save_local_state(path, 4)  # round 4 trained, then the job died before the server aggregated it
+    assert trainer.load_local_state(path, before_round=4)
+    assert trainer.loaded_state_round == 3
+    np.testing.assert_array_equal(trainer.get_local_state()[sorted(before)[0]], before[sorted(before)[0]])
+    with pytest.raises(ValueError, match="no usable L-MoE state"):
+        trainer.load_local_state(path, before_round=3)
+
+
+def test_a_corrupt_state_file_falls_back_to_the_backup(trainer, tmp_path):
+    path = tmp_path / "state.pt"
+    trainer.save_local_state(path, 0)
+    trainer.save_local_state(path, 1)
+    path.write_bytes(b"torn write")
+    assert trainer.load_local_state(path, before_round=2) and trainer.loaded_state_round == 0
+    assert any("unreadable" in n for n in trainer.state_notes)
+
+
+def test_executor_metrics_are_exactly_the_allow_list():
+    assert allowed_metrics({"val_dice_global": 1, "local_kd": 0.5}) == {"val_dice_global": 1.0, "local_kd": 0.5}
+    with pytest.raises(KeyError, match="ROUND_METRICS"):
+        allowed_metrics({"val_dice_global": 1.0, "lmoe_0": 0.3})
+
+
+# -- one simulator run with seven sites -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    data = tmp / "data"
+    write_synthetic_sites(data, sites=7, per_site=12, image_size=64, seed=0)
+    split_file = data / "site-2" / "split.json"  # site-2 is smaller: half of its training images
+    split = json.loads(split_file.read_text())
+    split["train"] = split["train"][: len(split["train"]) // 2]
+    split_file.write_text(json.dumps(split))
+    job = make_variant("pfedsam-tiny", tmp / "jobs", ROOT / "jobs" / "pfedsam", extra={
+        "data": {"root": str(data)},
+        "federation": {"rounds": ROUNDS, "min_clients": 3, "keep_round_states": True, "export_format": "none",
+                       "wait_after_min_s": 30, "task_timeout_s": 150},
+    })
+    shutil.copy(ROOT / "tests" / "hostile_executor.py", job / "app" / "custom" / "hostile_executor.py")
+    client_cfg = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client_cfg.read_text())
+    executor = cfg["executors"][0]["executor"]
+    executor["path"] = "hostile_executor.HostileExecutor"
+    executor["args"]["roles"] = ROLES
+    client_cfg.write_text(json.dumps(cfg, indent=1))
+    ws = tmp / "ws"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    sites = ",".join([*HONEST, *ROLES])
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-c", sites, "-t", "2"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    return ws, report, log
+
+
+def _npz(path: Path) -> dict:
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_hostile_run_finishes_all_rounds_with_every_honest_site(hostile_run):
+    _, report, _ = hostile_run
+    assert [r["round"] for r in report["rounds"]] == list(range(ROUNDS))
+    for entry in report["rounds"]:
+        for site in HONEST:
+            assert entry["sites"][site]["accepted"], (entry["round"], site, entry["sites"][site]["reason"])
+    assert set(HONEST) <= set(report["final"])
+
+
+def test_weight_is_example_count_and_may_not_grow(hostile_run):
+    _, report, _ = hostile_run
+    r0 = report["rounds"][0]["sites"]
+    assert r0["site-2"]["weight"] < r0["site-1"]["weight"] == r0["site-3"]["weight"]  # sites of different sizes
+    assert r0["site-4"]["accepted"] and r0["site-4"]["weight"] == r0["site-1"]["weight"]
+    one, two = report["rounds"][1]["sites"]["site-4"], report["rounds"][2]["sites"]["site-4"]
+    assert not one["accepted"] and "finite" in one["reason"]
+    assert not two["accepted"] and "above the" in two["reason"]
+
+
+def test_huge_update_is_refused_and_never_chosen_as_best(hostile_run):
+    ws, report, _ = hostile_run
+    for entry in report["rounds"]:
+        c = entry["sites"]["site-5"]
+        assert not c["accepted"] and "update norm" in c["reason"], c["reason"]
+    best = report["best"]
+    assert "site-5" not in best["sites"] and best["val_dice_personalized"] < 1.0
+    for path in [ws / "server" / "simulate_job" / "best_global_model.npz",
+                 *sorted((ws / "server" / "simulate_job" / "global_rounds").glob("*.npz"))]:
+        assert all(np.isfinite(v).all() and np.abs(v).max() < 1e3 for v in _npz(path).values()), path
+
+
+def test_global_is_the_example_weighted_mean_of_accepted_sites(hostile_run):
+    ws, report, _ = hostile_run
+    for entry in report["rounds"]:
+        accepted = {s: c["weight"] for s, c in entry["sites"].items() if c["accepted"]}
+        name = f"round_{entry['round']}.npz"
+        sent = {s: _npz(ws / s / "simulate_job" / f"app_{s}" / "sent" / name) for s in accepted}
+        glob = _npz(ws / "server" / "simulate_job" / "global_rounds" / f"round_{entry['round']}.npz")
+        total = sum(accepted.values())
+        for name, value in glob.items():
+            expected = sum(np.float64(w) * sent[s][name] for s, w in accepted.items()) / total
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_metadata_side_channel_is_closed(hostile_run):
+    ws, report, _ = hostile_run
+    for entry in report["rounds"]:
+        c = entry["sites"]["site-6"]
+        assert not c["accepted"] and c["param_names"] == [] and not c["metrics"], c
+    text = (ws / "server" / "simulate_job" / "report.json").read_text()
+    assert "lmoe_" not in text and "patients" not in text
+
+
+def test_dead_site_is_reported_missing(hostile_run):
+    _, report, _ = hostile_run
+    assert "site-7" in report["rounds"][1].get("missing", {}), report["rounds"][1]
+    assert "site-7" not in report["rounds"][1]["sites"]
+
+
+def test_honest_sites_keep_a_finite_lmoe(hostile_run):
+    ws, _, _ = hostile_run
+    for site in HONEST:
+        folder = ws / site / "simulate_job" / f"app_{site}"
+        last = torch.load(folder / "local_states" / f"round_{ROUNDS - 1}.pt", weights_only=True)
+        first = torch.load(folder / "local_states" / "round_0.pt", weights_only=True)["local"]
+        assert last["round"] == ROUNDS - 1
+        assert all(torch.isfinite(v).all() for v in last["local"].values())
+        assert any(not torch.equal(first[k], last["local"][k]) for k in first)
