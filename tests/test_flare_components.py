@@ -98,7 +98,8 @@ def job(tmp_path_factory) -> _Job:
 
 @pytest.fixture(scope="module")
 def fp16_job(tmp_path_factory) -> _Job:
-    return _Job(tmp_path_factory.mktemp("job16"), "unit-job-fp16", {**TINY, "federation": {"min_clients": 1, "compression": "fp16"}})
+    fed = {"min_clients": 1, "compression": "fp16"}
+    return _Job(tmp_path_factory.mktemp("job16"), "unit-job-fp16", {**TINY, "federation": fed})
 
 
 @pytest.fixture(scope="module")

@@ -292,3 +292,108 @@ def test_honest_sites_keep_a_finite_lmoe(hostile_run):
         assert last["round"] == ROUNDS - 1
         assert all(torch.isfinite(v).all() for v in last["local"].values())
         assert any(not torch.equal(first[k], last["local"][k]) for k in first)
+
+
+# -- site-side policy: a job without filters is still filtered at the site -----------------------------------
+def _site_scope(tmp_path):
+    """The default scope FLARE builds from the shipped privacy.json, exactly as a client job process does."""
+    from nvflare.apis.workspace import Workspace
+    from nvflare.private.fed.app.fl_conf import create_privacy_manager
+    from nvflare.private.privacy_manager import PrivacyService
+
+    from pfedsam.flare.provision import install_site_policy
+
+    root = tmp_path / "site-kit"
+    (root / "startup").mkdir(parents=True)
+    install_site_policy(root / "local")
+    manager = create_privacy_manager(Workspace(str(root), "site-1"), names_only=False)
+    PrivacyService.initialize(manager)
+    try:
+        assert manager.is_policy_defined() and not PrivacyService.is_scope_allowed("no-filters-scope")
+        return manager.get_scope("")  # what a job naming no scope gets
+    finally:
+        PrivacyService.initialize(None)
+
+
+def _filtered(job, scope, task: str, result):
+    """FLARE's own apply_filters, for a job whose config has NO result filters at all."""
+    from nvflare.apis.fl_constant import FilterKey, FLContextKey
+    from nvflare.apis.utils.task_utils import apply_filters
+
+    ctx = job.ctx()
+    ctx.set_prop(FLContextKey.SCOPE_OBJECT, scope, private=True, sticky=False)
+    ctx.set_prop(FLContextKey.TASK_NAME, task, private=True, sticky=False)
+    return apply_filters("task_result_filters", result, ctx, {}, task, FilterKey.OUT)
+
+
+def _train_result(facts, extra_weights=None, metrics=None):
+    from nvflare.apis.dxo import DXO, DataKind, MetaKey
+
+    from pfedsam.flare.common import METRICS_KEY, NUM_EXAMPLES_KEY
+
+    weights = {k: v.copy() for k, v in facts.initial_global.items()}
+    weights.update(extra_weights or {})
+    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: 3, NUM_EXAMPLES_KEY: 8, METRICS_KEY: metrics or {"val_dice_global": 0.5}}
+    return DXO(DataKind.WEIGHTS, weights, meta).to_shareable()
+
+
+def _final_result(extra=None):
+    from nvflare.apis.dxo import DXO, DataKind
+
+    stats = {"n": 3.0, "n_empty": 0.0, "dice": 0.5, "hd95": 4.0}
+    return DXO(DataKind.METRICS, {"global": stats, "personalized": dict(stats), "export": "none", **(extra or {})}
+               ).to_shareable()
+
+
+@pytest.fixture(scope="module")
+def policy_job(tmp_path_factory):
+    from test_flare_components import TINY, _Job
+
+    from pfedsam.flare.common import model_facts
+
+    job = _Job(tmp_path_factory.mktemp("policy"), "policy-job", TINY)
+    return job, model_facts(job.ctx())
+
+
+@pytest.mark.parametrize("case,task,make", [
+    ("lmoe_tensor", "train", lambda f: _train_result(f, {sorted(f.local_names)[0]: np.zeros(3, np.float32)})),
+    ("lmoe_as_metrics", "train", lambda f: _train_result(f, metrics={f"lmoe_{i}": 0.1 for i in range(2000)})),
+    ("path_like_metric", "train", lambda f: _train_result(f, metrics={"/data/patients/p1.png": 1.0})),
+    ("list_metric", "train", lambda f: _train_result(f, metrics={"val_dice_global": [0.1] * 64})),
+    ("metrics_on_train", "train", lambda f: _final_result()),
+    ("final_extra_number", "final_eval", lambda f: _final_result({"lmoe_0": 0.3})),
+    ("final_free_text", "final_eval", lambda f: _final_result({"export": "/site/model/weights.pt"})),
+    ("weights_on_final", "final_eval", lambda f: _train_result(f)),
+    ("unknown_task", "exfiltrate", lambda f: _final_result()),
+])
+def test_site_policy_blocks_what_a_filterless_job_would_send(tmp_path, policy_job, case, task, make):
+    from pfedsam.flare.filters import LeakBlocked
+
+    job, facts = policy_job
+    with pytest.raises(LeakBlocked):
+        _filtered(job, _site_scope(tmp_path), task, make(facts))
+
+
+@pytest.mark.parametrize("task,make", [("train", _train_result), ("final_eval", lambda f: _final_result())])
+def test_site_policy_passes_what_pfedsam_sends(tmp_path, policy_job, task, make):
+    job, facts = policy_job
+    result = make(facts)
+    assert _filtered(job, _site_scope(tmp_path), task, result) is result
+
+
+def test_shipped_authorization_is_tighter_than_flare_default():
+    from nvflare.fuel.sec.authz import Authorizer, AuthzContext, Person
+
+    from pfedsam.flare.provision import AUTHORIZATION_FILE
+
+    authz = Authorizer("hospital_a")
+    assert not authz.load_policy(json.loads(AUTHORIZATION_FILE.read_text()))
+
+    def allowed(role, right, org="hospital_a"):
+        return authz.authorize(AuthzContext(right, Person("u@x", org, role), Person("u@x", org, role)))[0]
+
+    assert allowed("project_admin", "submit_job") and allowed("project_admin", "byoc")
+    for role in ("project_admin", "org_admin", "lead", "member"):
+        assert not allowed(role, "shell_commands"), role
+    for role in ("org_admin", "lead", "member"):
+        assert not allowed(role, "submit_job") and not allowed(role, "byoc"), role

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
@@ -173,6 +174,39 @@ class MetricsOnlyFilter(DXOFilter):
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         return None
+
+
+class SitePolicyFilter(Filter):
+    """A site's own policy (``local/privacy.json``), applied to every job whatever its config says.
+
+    Site-scope result filters run on every task's result before the job's own filters. This one
+    dispatches on the task name: a ``train`` result must pass GlobalOnlyFilter, a ``final_eval``
+    result MetricsOnlyFilter; any other task's result is blocked (fails closed), and so is a job
+    without a pFedSAM YAML (the registry that names the global parameters cannot be read).
+
+    Arguments:
+      train_tasks (list): task names of federated rounds.
+      final_tasks (list): task names of the final evaluation.
+      config_file (str): the job's YAML in the app's config folder.
+    """
+
+    def __init__(self, train_tasks: list | None = None, final_tasks: list | None = None,
+                 config_file: str = CONFIG_FILE) -> None:
+        super().__init__()
+        self.train_tasks = set(train_tasks or ["train"])
+        self.final_tasks = set(final_tasks or ["final_eval"])
+        self.global_only = GlobalOnlyFilter(config_file)
+        self.metrics_only = MetricsOnlyFilter()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        if task in self.train_tasks:
+            return self.global_only.process(shareable, fl_ctx)
+        if task in self.final_tasks:
+            return self.metrics_only.process(shareable, fl_ctx)
+        if shareable.get_return_code() != ReturnCode.OK:
+            return make_reply(shareable.get_return_code())
+        raise LeakBlocked(f"site policy: results of task '{task}' may not leave this site")
 
 
 class GlobalKeyCheck(DXOFilter):
