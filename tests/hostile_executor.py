@@ -24,7 +24,7 @@ class HostileExecutor(PFedSAMExecutor):
 
     Roles: ``weights`` (round 1: example count inf; round 2: 1000x the declared count),
     ``huge`` (every sent value 1e30 and a perfect validation Dice claimed), ``meta`` (2000 L-MoE
-    values and a path-like key smuggled as metrics), ``dead`` (the site process exits in round 1).
+    values and a path-like key smuggled as metrics; in round 2 the site process dies).
     """
 
     def __init__(self, roles: dict | None = None, **kwargs) -> None:
@@ -34,7 +34,7 @@ class HostileExecutor(PFedSAMExecutor):
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         role = self.roles.get(fl_ctx.get_identity_name())
         rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
-        if role == "dead" and rnd == 1:
+        if role == "meta" and rnd == 2:
             os._exit(1)  # a crashed site: no reply, no goodbye
         out = super()._train(shareable, fl_ctx, abort_signal)
         if role is None:
