@@ -15,7 +15,8 @@
 #   --threads T          torch CPU threads per site (default: CPU cores / sites, at least 1)
 #   --timeout S          submit: seconds to wait for the job (default 0 = no limit)
 #   --set KEY=VALUE      submit: override a top-level key of the job's server config (repeatable;
-#                        e.g. resume: --set start_round=3 --set num_rounds=2 --set resume_ckpt=...)
+#                        or a dotted key of its pfedsam.yaml; e.g. resume a crashed job:
+#                        --set federation.resume_from=OLD_JOB_ID)
 #   --start-timeout S    start: seconds for server + sites to come up (default 90)
 #   --stop-timeout S     stop: seconds for a graceful stop before processes are killed (default 40)
 #
@@ -285,6 +286,7 @@ do_prepare() {
     echo "      config_folder: config"
     echo "  - path: nvflare.lighter.impl.cert.CertBuilder"
     echo "  - path: nvflare.lighter.impl.signature.SignatureBuilder"
+    echo "  - path: pfedsam.flare.provision.SitePolicyBuilder"
   } >"$project"
   info "provisioning $sites site(s), server localhost:$port, into $POC_WS"
   rm -rf "$POC_WS"

@@ -22,7 +22,7 @@ from pfedsam.flare.executor import PFedSAMExecutor
 class HostileExecutor(PFedSAMExecutor):
     """Honest training, then the result is tampered with according to ``roles[site]``.
 
-    Roles: ``weights`` (round 1: example count inf; round 2: 1000x the declared count),
+    Roles: ``weights`` (round 1: example count 0; round 2: 1000x the declared count),
     ``huge`` (every sent value 1e30 and a perfect validation Dice claimed), ``meta`` (2000 L-MoE
     values and a path-like key smuggled as metrics; in round 2 the site process dies).
     """
@@ -42,8 +42,8 @@ class HostileExecutor(PFedSAMExecutor):
         dxo = from_shareable(out)
         meta = dict(dxo.meta)
         data = dict(dxo.data)
-        if role == "weights" and rnd == 1:
-            meta[NUM_EXAMPLES_KEY] = float("inf")
+        if role == "weights" and rnd == 1:  # (inf would already be blocked by its own GlobalOnlyFilter)
+            meta[NUM_EXAMPLES_KEY] = 0
         elif role == "weights" and rnd >= 2:
             meta[NUM_EXAMPLES_KEY] = int(meta[NUM_EXAMPLES_KEY]) * 1000
         elif role == "huge":

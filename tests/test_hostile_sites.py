@@ -240,7 +240,7 @@ def test_weight_is_example_count_and_may_not_grow(hostile_run):
     assert r0["site-2"]["weight"] < r0["site-1"]["weight"]  # sites of different sizes
     assert r0["site-3"]["accepted"] and r0["site-3"]["weight"] == r0["site-1"]["weight"]
     one, two = report["rounds"][1]["sites"]["site-3"], report["rounds"][2]["sites"]["site-3"]
-    assert not one["accepted"] and "finite" in one["reason"]
+    assert not one["accepted"] and "positive integer, got 0" in one["reason"]
     assert not two["accepted"] and "above the" in two["reason"]
 
 

@@ -174,9 +174,8 @@ class PFedSAMExecutor(Executor):
             trainer.set_global_state(load_weights(own))  # local-only baseline: the server's average is ignored
         else:
             trainer.set_global_state(check_incoming_global(incoming, trainer.global_names()))
-        kept = state_dir(fl_ctx) / LOCAL_STATE_FILE  # outlives the job's run folder
-        if trainer.load_local_state(folder / LOCAL_STATE_FILE, before_round=rnd) or \
-                trainer.load_local_state(kept, before_round=rnd):
+        # this job's own state; the copy under pfedsam_state/ is read only by a job resuming this one
+        if trainer.load_local_state(folder / LOCAL_STATE_FILE, before_round=rnd):
             self.log_info(fl_ctx, f"resumed this site's L-MoE state (round {trainer.loaded_state_round})")
         elif self.cfg.federation.resume_from:  # first round of a resumed job: the old job's L-MoE
             old_dir = resumed_run_dir(fl_ctx, self.cfg.federation.resume_from)
