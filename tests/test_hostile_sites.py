@@ -290,8 +290,10 @@ def test_honest_sites_keep_a_finite_lmoe(hostile_run):
         folder = ws / site / "simulate_job" / f"app_{site}"
         last = torch.load(folder / "local_states" / f"round_{ROUNDS - 1}.pt", weights_only=True)
         first = torch.load(folder / "local_states" / "round_0.pt", weights_only=True)["local"]
-        assert last["round"] == ROUNDS - 1
-        assert all(torch.isfinite(v).all() for v in last["local"].values())
+        current = torch.load(folder / "pfedsam_local_state.pt", weights_only=True)
+        assert current["round"] == ROUNDS  # saved after the final personalization, its round recorded
+        assert (folder / "pfedsam_local_state.pt.bak").is_file()  # one backup: the state of the last round
+        assert all(torch.isfinite(v).all() for state in (last, current) for v in state["local"].values())
         assert any(not torch.equal(first[k], last["local"][k]) for k in first)
 
 
@@ -447,3 +449,27 @@ def test_huge_image_is_refused_before_decoding(tmp_path):
     site = _one_pair(tmp_path, np.zeros((32, 32), np.uint8), image_size=(12000, 12000))
     with pytest.raises(SiteDataError, match=r"12000x12000.*above the limit"):
         _dataset(site)
+
+
+def test_too_few_accepted_ends_the_run_with_a_clear_error(tmp_path):
+    """min_clients 2, two sites, one sends 1e30 everywhere: round 0 is NOT aggregated from one site."""
+    job = make_variant("pfedsam-tiny", tmp_path / "jobs", ROOT / "jobs" / "pfedsam", extra={
+        "data": {"synthetic_dir": str(tmp_path / "synthetic")},
+        "federation": {"rounds": 2, "min_clients": 2, "export_format": "none", "task_timeout_s": 120}})
+    shutil.copy(ROOT / "tests" / "hostile_executor.py", job / "app" / "custom" / "hostile_executor.py")
+    client_cfg = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client_cfg.read_text())
+    cfg["executors"][0]["executor"].update(path="hostile_executor.HostileExecutor")
+    cfg["executors"][0]["executor"]["args"]["roles"] = {"site-2": "huge"}
+    client_cfg.write_text(json.dumps(cfg, indent=1))
+    ws = tmp_path / "ws"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "NotEnoughSites: round 0: only 1 contribution(s) accepted, federation.min_clients is 2" in log
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    assert "min_clients" in report["stopped"] and not report["final"]
+    assert "update norm" in report["rounds"][0]["sites"]["site-2"]["reason"]
+    assert not (ws / "server" / "simulate_job" / "global_rounds").exists()  # nothing aggregated from one site

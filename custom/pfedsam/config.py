@@ -171,7 +171,8 @@ class FederationConfig:
         multiple of the median of the other sites' (0 = no bound).
       resume_from (str|None): id of an interrupted job of this same setup to continue: the server
         starts from that job's last saved global parameters and round, every site from its own
-        saved L-MoE state (FLARE 2.9 cannot resume a job whose server restarted).
+        saved L-MoE state, all kept in ``<workspace>/pfedsam_state/<job id>/`` (FLARE deletes the
+        job folders and cannot resume a job whose server restarted).
       keep_round_states (bool): keep every round's global state at the server and, at each
         site, what it sent and its L-MoE state per round (audits and tests; costs disk).
     """
