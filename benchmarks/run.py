@@ -42,13 +42,14 @@ from pfedsam.config import load_config  # noqa: E402
 from pfedsam.data import discover_sites, load_split  # noqa: E402
 from pfedsam.jobs import make_variant, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
-from pfedsam.train import SiteTrainer  # noqa: E402
+from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
 FEDERATED = ["pfedsam", "fedavg", "local", "ditto", "fedavg-ft", "fedprox", "pfedsam-nokd", "pfedsam-nolmoe",
              "pfedsam-joint"]
 BUDGET_KEYS = ("data_root", "backbone", "checkpoint", "image_size", "batch_size", "rounds", "local_steps",
-               "global_steps", "max_train", "max_eval", "device")
+               "global_steps", "final_steps", "max_train", "max_eval", "device")
+PROTOCOL = 2  # 2: a fresh batch stream every round, one step budget for all methods (rows of 1 are not comparable)
 EMPTY_MASK_RULE = ("truth and prediction both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the "
                    "diagonal of the image's valid (unpadded) region at model resolution")
 
@@ -63,7 +64,8 @@ def settings(args: argparse.Namespace, sites: list[str], seed: int, prompt: str)
         "backbone": args.backbone, "checkpoint": args.checkpoint, "image_size": args.image_size,
         "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval, "sites": {}},
         "train": {"cache": "disk", "cache_dir": str(args.out / "feature_cache"), "local_steps": args.local_steps,
-                  "global_steps": args.global_steps, "batch_size": args.batch_size, "seed": seed,
+                  "global_steps": args.global_steps, "final_steps": args.final_steps,
+                  "batch_size": args.batch_size, "seed": seed,
                   "device": args.device, "num_threads": args.site_threads},
         "federation": {"rounds": args.rounds, "min_clients": len(sites), "export_format": "none",
                        "wait_after_min_s": 0},
@@ -108,7 +110,9 @@ def run_federated(method: str, args: argparse.Namespace, sites: list[str], seed:
         return [float(np.mean([c["metrics"][key] for c in e["sites"].values() if key in c["metrics"]]))
                 for e in rounds]
 
-    return {"per_site": per_site, **run,
+    job = report["job"]
+    return {"per_site": per_site, **run, "protocol": PROTOCOL,
+            "steps_per_site": job.get("steps_per_site"), "images_per_site": job.get("images_per_site"),
             "round_wall_s": float(np.mean([e["wall_time_s"] for e in rounds])),
             # mode 'local' sends the same bytes (FLARE needs a result) but the server ignores them
             "bytes_per_round_per_site": float(np.mean(sent)) if method != "local" else 0.0,
@@ -142,7 +146,7 @@ def run_zero_shot(args: argparse.Namespace, sites: list[str], seed: int, prompt:
 
 
 def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """One model on the pooled training images (symlinks in a temp folder), same total global steps."""
+    """One model on the pooled training images (symlinks in a temp folder): all sites' steps, same rounds."""
     with tempfile.TemporaryDirectory() as tmp:
         pooled = Path(tmp) / "pooled"
         (pooled / "images").mkdir(parents=True)
@@ -160,8 +164,11 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
         (pooled / "split.json").write_text(json.dumps(split))
         start = time.perf_counter()
         pool = trainer_for("fedavg", args, "pooled", seed, prompt, args.out / "work" / "centralized", pooled, True)
-        steps = args.rounds * args.global_steps * len(sites)
-        stats = pool.run_global_phase(steps)
+        n = len(sites)  # the pooled model gets the steps of all sites together
+        t = pool.cfg.train
+        t.local_steps, t.global_steps, t.final_steps = n * t.local_steps, n * t.global_steps, n * t.final_steps
+        plan = plan_steps(pool.cfg)
+        results = [run_round(pool, rnd, evaluate=False) for rnd in range(pool.cfg.federation.rounds)]
         state = pool.get_global_state()
         wall = time.perf_counter() - start
     per_site = {}
@@ -169,29 +176,54 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
         t = trainer_for("fedavg", args, site, seed, prompt, args.out / "work" / "centralized")
         t.set_global_state(state)
         per_site[site] = {**score(t), "global_dice": None}
-    return {"per_site": per_site, "wall_s": wall, "bytes_per_round_per_site": float("nan"),
-            "train_images_per_s": stats["steps"] * pool.cfg.train.batch_size / stats["seconds"]}
+    busy = sum(p["seconds"] for r in results for p in r.phases.values())
+    return {"per_site": per_site, "wall_s": wall, "bytes_per_round_per_site": float("nan"), "protocol": PROTOCOL,
+            "steps_per_site": plan.total_steps / n, "images_per_site": plan.total_images / n,
+            "train_images_per_s": sum(r.images for r in results) / busy}
+
+
+def _adapt(method: str, lr_key: str, lrs: list[float], glob: dict, args: argparse.Namespace, centre: str,
+           seed: int, prompt: str, steps: int, work: Path) -> dict:
+    """The final personalization of ``method`` at ``centre`` from ``glob`` with ``steps`` steps, once per
+    learning rate; the one best on the validation split is scored on test."""
+    tried = {}
+    for lr in lrs:
+        t = trainer_for(method, args, centre, seed, prompt, work)
+        setattr(t.cfg.train, lr_key, lr)
+        t.cfg.train.final_steps = steps
+        t.set_global_state(glob)
+        final = run_final(t, split="val")
+        tried[lr] = (final.val["personalized"]["dice"], t, final.personal)
+    best = max(tried, key=lambda lr: tried[lr][0])
+    _, t, personal = tried[best]
+    with t.global_swapped(personal):
+        test = t.evaluate("test", "personalized")
+    return {"dice": test["dice"], lr_key: best, "val_dice_by_lr": {str(k): v[0] for k, v in tried.items()}}
 
 
 def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """Train pFedSAM on every other centre, then score ``centre`` before and after local adaptation."""
+    """Train pFedSAM on every other centre, then score ``centre`` before and after local adaptation.
+
+    Both adaptations (a fresh L-MoE distilled from the global model; fine-tuning the global part
+    itself, as FedAvg + fine-tune would) get the same steps: what a participating site's
+    personal part trains in the whole run. Each uses the learning rate, of three, that is best
+    on the centre's validation split.
+    """
     train_sites = [s for s in sites if s != centre]
     run = simulate("pfedsam", f"unseen-{centre}-{prompt}-s{seed}", args, train_sites, seed, prompt)
     seen = {s: r["personalized"]["dice"] for s, r in run.pop("report")["final"].items() if "personalized" in r}
     glob = dict(np.load(Path(run["workspace"]) / "server" / "simulate_job" / "global_model.npz"))
-    steps = args.rounds * args.local_steps
-    out = {"train_sites": train_sites, "adapt_steps": steps, **run,
+    steps = args.rounds * args.local_steps + args.final_steps
+    out = {"train_sites": train_sites, "adapt_steps": steps, **run, "protocol": PROTOCOL,
            "seen_sites_mean_dice": float(np.mean(list(seen.values())))}
     work = args.out / "work" / f"unseen-{centre}"
     t = trainer_for("pfedsam", args, centre, seed, prompt, work)
     t.set_global_state(glob)
     out["global"] = score(t, "global")
-    t.run_local_phase(steps)  # a fresh L-MoE (this site never trained one), KD from the global model
-    out["fresh_lmoe"] = score(t, "personalized")
-    t = trainer_for("fedavg", args, centre, seed, prompt, work)
-    t.set_global_state(glob)
-    t.run_global_phase(steps)  # comparison: fine-tune the global part itself for the same steps
-    out["finetune_global"] = score(t, "global")
+    out["fresh_lmoe"] = _adapt("pfedsam", "lr_local", [3e-4, 1e-3, 3e-3], glob, args, centre, seed, prompt,
+                               steps, work)
+    out["finetune_global"] = _adapt("fedavg-ft", "lr_global", [3e-5, 1e-4, 3e-4], glob, args, centre, seed,
+                                    prompt, steps, work)
     return out
 
 
@@ -228,8 +260,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def table(results: dict, prompt: str, seed: int) -> list[str]:
     sites = results["sites"]
     head = ("| method | " + " | ".join(sites) + " | **mean Dice** | mean HD95 | mean global Dice | MB/round/site "
-            "| s/round | train img/s/site | peak site RSS MB |")
-    lines = [head, "|" + "---|" * (len(sites) + 8)]
+            "| s/round | train img/s/site | peak site RSS MB | steps/site | images/site |")
+    lines = [head, "|" + "---|" * (len(sites) + 10)]
     for method, r in _rows(results, prompt, seed):
         if "error" in r:
             lines.append(f"| {method} | " + " | ".join("-" for _ in sites) + f" | error: {r['error']} |||||||")
@@ -242,7 +274,8 @@ def table(results: dict, prompt: str, seed: int) -> list[str]:
                      + f" | **{np.mean(dice):.3f}** | {np.mean(hd):.1f} | {_fmt(gmean, '.3f')} | "
                      + f"{_fmt(r.get('bytes_per_round_per_site', float('nan')) / 1e6, '.2f')} | "
                      + f"{_fmt(r.get('round_wall_s'), '.0f')} | {_fmt(r.get('train_images_per_s'), '.1f')} | "
-                     + f"{_fmt(r.get('peak_site_rss_mb'), '.0f')} |")
+                     + f"{_fmt(r.get('peak_site_rss_mb'), '.0f')} | {_fmt(r.get('steps_per_site'), '.0f')} | "
+                     + f"{_fmt(r.get('images_per_site'), '.0f')} |")
     return lines
 
 
@@ -373,11 +406,14 @@ def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
         results = json.loads(path.read_text())
         stored = {**budget(parse_args([])), **results.get("budget", {})}  # keys added later: their defaults
         stored["data_root"] = results.get("budget", {}).get("data_root")
+        if results.get("protocol") != PROTOCOL:
+            sys.exit(f"{path} holds rows of training protocol {results.get('protocol', 1)} (replayed batches, "
+                     f"unequal budgets), not comparable with protocol {PROTOCOL}; use another --out or move it")
         if stored != budget(args) or results.get("sites") != sites:
             sys.exit(f"{path} holds rows of another budget or site list ({results.get('budget')}); "
                      "use another --out or delete it")
         return results
-    return {"dataset": args.data_root.name, "sites": sites, "budget": budget(args),
+    return {"dataset": args.data_root.name, "sites": sites, "budget": budget(args), "protocol": PROTOCOL,
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                          "sites_at_once": args.threads, "torch_threads_per_site": args.site_threads,
                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
@@ -400,6 +436,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=6)
     parser.add_argument("--global-steps", type=int, default=10)
+    parser.add_argument("--final-steps", type=int, default=6, help="final personalization steps (every method)")
     parser.add_argument("--max-train", type=int, default=24, help="training images per site (0 = all)")
     parser.add_argument("--max-eval", type=int, default=16, help="val and test images per site (0 = all)")
     parser.add_argument("--prompt", default="none", choices=["none", "box"])

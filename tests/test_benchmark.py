@@ -24,14 +24,16 @@ def _row(dice_a: float, dice_b: float, **extra) -> dict:
 
 def _results(rows: dict) -> dict:
     return {"dataset": "x", "sites": SITES, "budget": {}, "hardware": {}, "empty_mask_rule": "", "rows": rows,
-            "unseen": {}, "communication": {}}
+            "unseen": {}, "communication": {}, "protocol": bench.PROTOCOL}
 
 
 @pytest.mark.parametrize(
     "rows,expected_lines",
     [
         ({"pfedsam|none|seed0": _row(0.5, 0.7, bytes_per_round_per_site=14e6, round_wall_s=100.0)},
-         ["| pfedsam | 0.500 | 0.700 | **0.600** | 15.0 | 0.200 | 14.00 | 100 | - | - |"]),
+         ["| pfedsam | 0.500 | 0.700 | **0.600** | 15.0 | 0.200 | 14.00 | 100 | - | - | - | - |"]),
+        ({"fedavg|none|seed0": _row(0.5, 0.7, steps_per_site=68, images_per_site=272)},
+         ["| fedavg | 0.500 | 0.700 | **0.600** | 15.0 | 0.200 | - | - | - | - | 68 | 272 |"]),
         ({"fedavg|none|seed0": _row(0.2, 0.4), "zero-shot|box|seed0": _row(0.9, 0.8)},  # zero-shot listed first
          ["| zero-shot | 0.900 | 0.800 | **0.850** |", "| fedavg | 0.200 | 0.400 | **0.300** |"]),
         ({"local|none|seed0": {"error": "simulator exit 1"}}, ["| local | - | - | error: simulator exit 1 |"]),
@@ -63,3 +65,7 @@ def test_results_of_another_budget_are_refused(tmp_path):
     stored["budget"] = bench.budget(args)
     (tmp_path / "results.json").write_text(json.dumps(stored))
     assert bench.load_results(args, SITES)["rows"] == {}
+    del stored["protocol"]  # rows of the old loop (replayed batches, unequal budgets)
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="training protocol 1"):
+        bench.load_results(args, SITES)

@@ -95,6 +95,33 @@ def test_global_is_weighted_mean_of_what_sites_sent(tiny_run):
             np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
 
 
+def _numbers(report: dict) -> dict:
+    """What a user reads off a report, to its printed precision (4 decimals)."""
+    out = {}
+    for entry in report["rounds"]:
+        for site, c in entry["sites"].items():
+            m = c["metrics"]
+            out[(entry["round"], site)] = (c["num_steps"], m["train_steps"], round(m["val_dice_personalized"], 4),
+                                           round(m["val_dice_global"], 4), round(m["local_loss"], 4))
+    for site, r in report["final"].items():
+        out[("final", site)] = (round(r["personalized"]["dice"], 4), round(r["global"]["dice"], 4))
+    return out
+
+
+def test_report_does_not_depend_on_simulator_threads(tiny_run, tmp_path):
+    """-t 1 re-creates each client per task, -t 2 keeps both alive: the same job gives the same numbers."""
+    job, ws, _ = tiny_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(tmp_path / "ws"), "-n", "2", "-t", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    one = json.loads((tmp_path / "ws" / "server" / "simulate_job" / "report.json").read_text())
+    two = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    assert _numbers(one) == _numbers(two)
+    assert one["job"]["steps_per_site"] == two["job"]["steps_per_site"] == 2 * (3 + 3) + 3
+
+
 def test_tensorboard_events_written(tiny_run):
     _, ws, _ = tiny_run
     events = list((ws / "server" / "simulate_job" / "tb_events").rglob("events.out.tfevents.*"))

@@ -68,7 +68,12 @@ class TrainConfig:
       schedule (str): ``decoupled`` (local phase with KD, then global phase) or ``joint``
         (global and local trained together; FedRep/FedPer-style ablation).
       local_steps (int): optimizer steps of the local (personalization) phase per round.
-      global_steps (int): optimizer steps of the global phase per round.
+      global_steps (int): optimizer steps of the global phase per round. Every method spends
+        ``local_steps + global_steps`` per round: one without a local phase spends both in its
+        global phase (see ``pfedsam.train.plan_steps``).
+      final_steps (int): optimizer steps of the final personalization against the last global
+        model (the L-MoE or Ditto's copy; fine-tuning with ``federation.final_finetune``); a
+        method with nothing to personalize spends them in its last round's global phase.
       batch_size (int): images per step.
       lr_global (float): AdamW learning rate for global parameters.
       lr_local (float): AdamW learning rate for local (L-MoE) parameters.
@@ -91,6 +96,7 @@ class TrainConfig:
     schedule: str = "decoupled"
     local_steps: int = 10
     global_steps: int = 10
+    final_steps: int = 10
     batch_size: int = 4
     lr_global: float = 1e-4
     lr_local: float = 1e-3
@@ -153,8 +159,9 @@ class FederationConfig:
         parameters at each site, trained toward G(t); no L-MoE, no KD), ``local`` (no
         aggregation: each site trains alone).
       compression (str): ``none`` or ``fp16`` (global weights quantized on the wire).
-      final_local_steps (int): extra local fine-tune steps before the final evaluation
-        (``FedAvg + local fine-tune`` baseline); 0 = none.
+      final_finetune (bool): spend the final personalization (``train.final_steps``) fine-tuning
+        the global parameters at each site (the ``FedAvg + local fine-tune`` baseline); only for
+        a model without a personal part (no L-MoE, not Ditto).
       export_format (str): ``onnx`` or ``none``: what the final phase writes at each site.
       wait_after_min_s (int): seconds the server still waits for late sites once ``min_clients``
         results of a round (or of the final evaluation) are in.
@@ -181,7 +188,7 @@ class FederationConfig:
     min_clients: int = 2
     mode: str = "pfedsam"
     compression: str = "none"
-    final_local_steps: int = 0
+    final_finetune: bool = False
     export_format: str = "onnx"
     wait_after_min_s: int = 10
     task_timeout_s: int = 0
@@ -257,16 +264,23 @@ _CHOICES = {
 }
 _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
-    "train.global_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu", "train.ditto_lambda",
+    "train.global_steps", "train.final_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
+    "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
-    "federation.final_local_steps", "federation.wait_after_min_s", "federation.task_timeout_s",
-    "federation.max_update_ratio",
+    "federation.wait_after_min_s", "federation.task_timeout_s", "federation.max_update_ratio",
 )
 _POSITIVE = (
     "lora.rank", "lora.alpha", "lora.decoder_rank", "lmoe.top_k", "lmoe.hidden",
     "train.batch_size", "train.lr_global", "train.lr_local", "train.kd_temperature",
     "federation.rounds", "federation.min_clients", "data.synthetic_sites", "data.synthetic_per_site",
 )
+
+
+# keys of earlier versions -> what replaces them (named in the error instead of "unknown key")
+_MOVED = {
+    "federation.final_local_steps": "the final personalization is part of every method's budget: "
+                                    "'train.final_steps', and 'federation.final_finetune: true' for FedAvg + FT",
+}
 
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -278,6 +292,9 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    moved = [f"'{prefix}{k}' ({_MOVED[prefix + k]})" for k in unknown if prefix + k in _MOVED]
+    if moved:
+        raise ConfigError(f"{where}: key(s) no longer used: {', '.join(moved)}")
     if unknown:
         keys = ", ".join(f"'{prefix}{k}'" for k in unknown)
         raise ConfigError(f"{where}: unknown key(s) {keys}; known: {', '.join(sorted(names))}")
@@ -379,6 +396,12 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.mode in ("fedavg", "ditto") and (cfg.lmoe.num_experts or cfg.train.kd_weight):
         raise ConfigError(f"{where}: 'federation.mode: {cfg.federation.mode}' needs 'lmoe.num_experts: 0' "
                           "and 'train.kd_weight: 0'")
+    if cfg.train.schedule == "joint" and (not cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
+        raise ConfigError(f"{where}: 'train.schedule: joint' trains the global part and the L-MoE together; "
+                          "it needs 'lmoe.num_experts' > 0 and a mode other than ditto")
+    if cfg.federation.final_finetune and (cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
+        raise ConfigError(f"{where}: 'federation.final_finetune' is for a model without a personal part "
+                          "('lmoe.num_experts: 0', mode not ditto); the L-MoE or Ditto's copy is personalized instead")
     if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
         raise ConfigError(
             f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"
@@ -463,7 +486,7 @@ def task_timeout(cfg: PFedSAMConfig) -> int:
     """
     if cfg.federation.task_timeout_s:
         return int(cfg.federation.task_timeout_s)
-    steps = cfg.train.local_steps + cfg.train.global_steps + cfg.federation.final_local_steps
+    steps = cfg.train.local_steps + cfg.train.global_steps + cfg.train.final_steps
     return 900 + 30 * steps
 
 

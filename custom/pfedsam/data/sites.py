@@ -407,6 +407,17 @@ class SiteDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's random stream from ``seed`` (a trainer does this per phase and round).
+
+        Arguments:
+          seed: the new seed (also the base of DataLoader workers' streams).
+        """
+        self.seed = seed
+        self._worker_seed = None
+        if self._augmentation is not None:
+            self._augmentation.set_random_state(seed=seed)
+
     def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         i = self.ids[index]
         if i in self._cache:

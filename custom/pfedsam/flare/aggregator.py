@@ -27,7 +27,7 @@ from .common import (
     run_dir,
     state_dir,
 )
-from .report import RunReport
+from .report import RunReport, budget_facts
 
 
 class ReportWriter(FLComponent):
@@ -56,6 +56,7 @@ class ReportWriter(FLComponent):
                 "compression": cfg.federation.compression, "global_params": len(facts.global_names),
                 "global_bytes_fp32": int(sum(v.nbytes for v in facts.initial_global.values())),
                 "data": cfg.data.root or "SYNTHETIC (generated)",
+                **budget_facts(cfg),
             })
         elif event_type == AppEventType.ROUND_STARTED:
             self.report.start_round(int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND)))

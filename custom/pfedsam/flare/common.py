@@ -24,15 +24,17 @@ NUM_EXAMPLES_KEY = "pfedsam_num_examples"  # DXO meta key: training examples the
 # One table for the filters (GlobalOnlyFilter, MetricsOnlyFilter), the server's report and TensorBoard.
 # A name that is not here never leaves a site; code that emits a new metric adds its name here.
 _PHASES = ("local", "personal", "joint", "global")
-_PHASE_STATS = ("steps", "loss", "seg", "kd", "balance", "prox")
+_PHASE_STATS = ("steps", "images", "loss", "seg", "kd", "balance", "prox")
 ROUND_METRICS: dict[str, type] = {
     "val_dice_personalized": float, "val_dice_global": float, "val_hd95_personalized": float,
-    "val_hd95_global": float, "round_seconds": float, "train_images_per_s": float, "peak_rss_mb": float,
+    "val_hd95_global": float, "round_seconds": float, "train_steps": float, "train_images": float,
+    "train_images_per_s": float, "peak_rss_mb": float,
     **{f"{phase}_{stat}": float for phase in _PHASES for stat in _PHASE_STATS},
 }
 FINAL_MODELS = ("global", "personalized")  # final result: {model: {stat: number}} + the export status
 FINAL_STATS: dict[str, type] = {"n": float, "n_empty": float, "dice": float, "hd95": float}
 FINAL_STATUS: dict[str, tuple[str, ...]] = {"export": ("onnx", "none", "failed")}
+FINAL_NUMBERS: dict[str, type] = {"final_steps": float}
 TB_TAGS = frozenset(ROUND_METRICS) | {f"test_dice_{m}" for m in FINAL_MODELS}  # scalars sent to TensorBoard
 
 

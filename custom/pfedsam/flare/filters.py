@@ -22,6 +22,7 @@ from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from .common import (
     CONFIG_FILE,
     FINAL_MODELS,
+    FINAL_NUMBERS,
     FINAL_STATS,
     FINAL_STATUS,
     FP16_KEY,
@@ -108,7 +109,7 @@ def train_meta_schema(global_names: frozenset[str]) -> dict:
     }
 
 
-FINAL_DATA_SCHEMA: dict = {**{m: FINAL_STATS for m in FINAL_MODELS}, **FINAL_STATUS}
+FINAL_DATA_SCHEMA: dict = {**{m: FINAL_STATS for m in FINAL_MODELS}, **FINAL_STATUS, **FINAL_NUMBERS}
 FINAL_META_SCHEMA: dict = {MetaKey.FILTER_HISTORY: _OUR_FILTERS}
 
 

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import PFedSAMConfig
 from ..fileio import atomic_write
+from ..train.rounds import plan_steps
 
 
 def _fmt(value: Any) -> str:
@@ -120,6 +122,18 @@ class RunReport:
         markdown = self.to_markdown()
         atomic_write(folder / "report.md", lambda tmp: Path(tmp).write_text(markdown))
         return folder / "report.json"
+
+
+def budget_facts(cfg: PFedSAMConfig) -> dict[str, Any]:
+    """The step budget per site for the report header: phases per round, final phases, totals."""
+    plan = plan_steps(cfg)
+
+    def phases(p: tuple) -> str:
+        return " + ".join(f"{name} {n}" for name, n in p) or "none"
+
+    rounds = sorted({phases(r) for r in plan.rounds})
+    return {"round_phases": " / ".join(rounds), "final_phases": phases(plan.final),
+            "steps_per_site": plan.total_steps, "images_per_site": plan.total_images}
 
 
 def final_means(final: dict[str, Any]) -> dict[str, float]:

@@ -10,12 +10,14 @@ One round of pFedSAM at a site (see design.md):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,34 @@ from .metrics import image_metrics, summarize
 log = logging.getLogger(__name__)
 
 NORMALIZATION = {"litemedsam": "minmax", "tiny": "minmax", "vit_b": "sam", "vit_l": "sam", "vit_h": "sam"}
+
+
+def stream_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts' text: stable across processes and Python versions (unlike hash())."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where a phase's training batches come from.
+
+    Each phase name has an endless sample stream per (seed, site): epoch after epoch, each a
+    seeded permutation of the training images. A phase of a round reads it from ``start`` on,
+    and its augmentation is seeded by (seed, site, phase, round). So the batches depend only on
+    these values, never on how long the client process lived (the simulator restarts clients
+    between tasks, POC and production keep them), and consecutive rounds read on where the last
+    one stopped: every image is used once per epoch of the stream.
+
+    Arguments:
+      phase (str): the stream's name ("local", "global", "personal", "joint", "finetune").
+      round (int): the round (seeds this round's augmentation).
+      start (int): position of the first sample: samples this phase drew in earlier rounds.
+    """
+
+    phase: str
+    round: int = 0
+    start: int = 0
 
 
 def select_device(name: str) -> torch.device:
@@ -93,9 +123,7 @@ class SiteTrainer:
         self.registry = self.model.registry
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self._seg = segmentation_loss()
-        self._rng = random.Random(f"{cfg.train.seed}-{site_name}")
-        self._gen = torch.Generator().manual_seed(cfg.train.seed)
-        self._order: list[int] = []
+        self._open_stream(Stream("default"))
 
         size = resolved_image_size(cfg)
         fingerprint = f"{backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)}-prefix{self.model.prefix_units}"
@@ -224,12 +252,27 @@ class SiteTrainer:
                               disable=None, leave=False):
                 self._prefix(split, list(range(start, min(start + bs, len(split)))))
 
+    def _open_stream(self, stream: Stream) -> None:
+        """Position the batch order and seed the augmentation for one phase of one round."""
+        seed = stream_seed(self.cfg.train.seed, self.site_name, stream.phase, "round", stream.round)
+        self._stream, self._pos = stream, stream.start
+        self._epoch: tuple[int, list[int]] = (-1, [])
+        self._rng = random.Random(seed)  # feature-space flips
+        self._gen = torch.Generator().manual_seed(seed)  # box jitter
+        if "train" in getattr(self, "datasets", {}):
+            self.datasets["train"].reseed(seed % 2**32)  # image-space augmentation (no cache)
+
     def _next_indices(self, n: int, total: int) -> list[int]:
+        """The next ``n`` training indices of the open stream (epochs of seeded permutations)."""
         out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(total, generator=self._gen).tolist()
-            out.append(self._order.pop())
+        for _ in range(n):
+            epoch, k = divmod(self._pos, total)
+            if self._epoch[0] != epoch:
+                gen = torch.Generator().manual_seed(
+                    stream_seed(self.cfg.train.seed, self.site_name, self._stream.phase, "epoch", epoch))
+                self._epoch = (epoch, torch.randperm(total, generator=gen).tolist())
+            out.append(self._epoch[1][k])
+            self._pos += 1
         return out
 
     def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,13 +322,14 @@ class SiteTrainer:
     # -- phases ------------------------------------------------------------------------------------------
     def _run(
         self, phase: str, steps: int, trainable: set[ParamKind], loss_fn: Callable,
-        abort: Callable[[], bool] | None,
+        abort: Callable[[], bool] | None, stream: Stream | None = None,
     ) -> dict[str, float]:
+        self._open_stream(stream or Stream(phase))
         self.registry.set_trainable(self.model, trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if steps <= 0 or not params:
             self.registry.set_trainable(self.model, set())
-            return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+            return {"steps": 0, "images": 0, "loss": float("nan"), "seconds": 0.0}
         groups = []
         for kind, lr in ((ParamKind.GLOBAL, self.cfg.train.lr_global), (ParamKind.LOCAL, self.cfg.train.lr_local)):
             names = set(self.registry.names(kind))
@@ -314,7 +358,7 @@ class SiteTrainer:
         self.model.eval()
         self.registry.set_trainable(self.model, set())
         out = {k: v / max(done, 1) for k, v in totals.items()}
-        out.update(steps=done, seconds=time.perf_counter() - start)
+        out.update(steps=done, images=done * self.cfg.train.batch_size, seconds=time.perf_counter() - start)
         return out
 
     def local_loss(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -331,12 +375,13 @@ class SiteTrainer:
         parts["loss"] = parts["seg"] + t.kd_weight * parts["kd"] + t.balance_weight * parts["balance"]
         return parts
 
-    def run_local_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+    def run_local_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None,
+                        stream: Stream | None = None) -> dict:
         """Personalize: train only the L-MoE, distilling from the (frozen) global model."""
         if not self.model.has_experts:
-            return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+            return {"steps": 0, "images": 0, "loss": float("nan"), "seconds": 0.0}
         n = self.cfg.train.local_steps if steps is None else steps
-        return self._run("local", n, {ParamKind.LOCAL}, self.local_loss, abort)
+        return self._run("local", n, {ParamKind.LOCAL}, self.local_loss, abort, stream)
 
     def _anchored_loss(self, weight: float) -> Callable:
         """Seg loss of the global model (experts off) + weight * 0.5 ||w - w_now||^2 (FedProx, Ditto).
@@ -358,10 +403,12 @@ class SiteTrainer:
 
         return loss
 
-    def run_global_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+    def run_global_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None,
+                         stream: Stream | None = None) -> dict:
         """Fine-tune the global parameters from G(t) with experts off (seg loss, + FedProx if set)."""
         n = self.cfg.train.global_steps if steps is None else steps
-        return self._run("global", n, {ParamKind.GLOBAL}, self._anchored_loss(self.cfg.train.prox_mu), abort)
+        return self._run("global", n, {ParamKind.GLOBAL}, self._anchored_loss(self.cfg.train.prox_mu), abort,
+                         stream)
 
     @contextmanager
     def global_swapped(self, state: dict | None) -> Iterator[None]:
@@ -377,7 +424,8 @@ class SiteTrainer:
             self.set_global_state(saved)
 
     def run_personal_phase(
-        self, personal: dict, steps: int | None = None, abort: Callable[[], bool] | None = None
+        self, personal: dict, steps: int | None = None, abort: Callable[[], bool] | None = None,
+        stream: Stream | None = None,
     ) -> tuple[dict[str, np.ndarray], dict]:
         """Ditto: train a personal copy of the global parameters toward the current G(t).
 
@@ -390,11 +438,12 @@ class SiteTrainer:
         loss = self._anchored_loss(self.cfg.train.ditto_lambda)  # anchored at G(t), loaded now
         n = self.cfg.train.local_steps if steps is None else steps
         with self.global_swapped(personal):
-            stats = self._run("personal", n, {ParamKind.GLOBAL}, loss, abort)
+            stats = self._run("personal", n, {ParamKind.GLOBAL}, loss, abort, stream)
             personal = self.get_global_state()
         return personal, stats
 
-    def run_joint_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None) -> dict:
+    def run_joint_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None,
+                        stream: Stream | None = None) -> dict:
         """Ablation: global and local trained together on seg + balance (FedRep/FedPer-style)."""
         bal = self.cfg.train.balance_weight
 
@@ -405,7 +454,7 @@ class SiteTrainer:
             return parts
 
         n = (self.cfg.train.local_steps + self.cfg.train.global_steps) if steps is None else steps
-        return self._run("joint", n, {ParamKind.GLOBAL, ParamKind.LOCAL}, loss, abort)
+        return self._run("joint", n, {ParamKind.GLOBAL, ParamKind.LOCAL}, loss, abort, stream)
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 from .config import ConfigError, config_table_markdown, dump_config, load_config
@@ -61,27 +60,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one site alone (no federation): the 'local only' setting, or a quick check."""
-    from .train import SiteTrainer
+    """Train one site alone (no federation): the same rounds and final personalization as a FLARE site."""
+    from .train import SiteTrainer, plan_steps, run_final, run_round
 
     cfg = _load(args)
     trainer = SiteTrainer(cfg, args.site, site_dir=args.data, workdir=args.out)
+    plan = plan_steps(cfg)
+    print(f"[{args.site}] budget: {plan.total_steps} steps ({plan.total_images} images) per site")
     history = []
-    before = trainer.evaluate("val", "personalized")
-    print(f"[{args.site}] before training: val Dice {before['dice']:.4f}")
+    personal = None
     for rnd in range(cfg.federation.rounds):
-        start = time.perf_counter()
-        if cfg.train.schedule == "joint":
-            phases = {"joint": trainer.run_joint_phase()}
-        else:
-            phases = {"local": trainer.run_local_phase(), "global": trainer.run_global_phase()}
-        ev = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
-        history.append({"round": rnd, "phases": phases, "val": ev, "seconds": time.perf_counter() - start})
+        result = run_round(trainer, rnd, personal)
+        personal = result.personal
+        ev = result.val
+        history.append({"round": rnd, "phases": result.phases, "val": ev, "seconds": result.seconds})
         print(f"[{args.site}] round {rnd}: val Dice personalized {ev['personalized']['dice']:.4f} "
-              f"global {ev['global']['dice']:.4f} ({history[-1]['seconds']:.1f} s)")
-    test = {w: trainer.evaluate("test", w) for w in ("personalized", "global")}
-    trainer.save_model(Path(args.out) / "model", {"round": cfg.federation.rounds})
-    result = {"site": args.site, "before": before, "history": history, "test": test,
+              f"global {ev['global']['dice']:.4f}, {result.steps} steps ({result.seconds:.1f} s)")
+    final = run_final(trainer, personal)
+    test = final.val
+    with trainer.global_swapped(final.personal):
+        trainer.save_model(Path(args.out) / "model", {"round": cfg.federation.rounds - 1,
+                                                      "rounds": cfg.federation.rounds})
+    result = {"site": args.site, "budget": plan.summary(), "history": history,
+              "final": {"phases": final.phases, "test": test},
               "skipped_files": [str(b.path) for b in trainer.skipped]}
     (Path(args.out) / "train_report.json").write_text(json.dumps(result, indent=1))
     print(f"[{args.site}] test Dice personalized {test['personalized']['dice']:.4f} "

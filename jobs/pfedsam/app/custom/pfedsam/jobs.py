@@ -25,10 +25,10 @@ CONFIG_NAME = "pfedsam.yaml"
 VARIANTS: dict[str, dict[str, Any]] = {
     "pfedsam": {},
     "pfedsam-tiny": {"backbone": "tiny", "federation": {"rounds": 2, "min_clients": 2, "wait_after_min_s": 0},
-                     "train": {"local_steps": 3, "global_steps": 3},
+                     "train": {"local_steps": 3, "global_steps": 3, "final_steps": 3},
                      "data": {"synthetic_sites": 2, "synthetic_per_site": 16}},
     "fedavg": {"federation": {"mode": "fedavg"}, "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0}},
-    "fedavg-ft": {"federation": {"mode": "fedavg", "final_local_steps": 20}, "lmoe": {"num_experts": 0},
+    "fedavg-ft": {"federation": {"mode": "fedavg", "final_finetune": True}, "lmoe": {"num_experts": 0},
                   "train": {"kd_weight": 0.0}},
     "fedprox": {"federation": {"mode": "fedavg"}, "lmoe": {"num_experts": 0},
                 "train": {"kd_weight": 0.0, "prox_mu": 0.01}},

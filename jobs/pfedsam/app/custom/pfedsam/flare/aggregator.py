@@ -16,7 +16,7 @@ from nvflare.app_common.app_event_type import AppEventType
 
 from .aggregation import check_contribution, weighted_mean
 from .common import CONFIG_FILE, METRICS_KEY, WIRE_BYTES_KEY, job_config, model_facts, run_dir
-from .report import RunReport
+from .report import RunReport, budget_facts
 
 
 class ReportWriter(FLComponent):
@@ -43,6 +43,7 @@ class ReportWriter(FLComponent):
                 "compression": cfg.federation.compression, "global_params": len(facts.global_names),
                 "global_bytes_fp32": int(sum(v.nbytes for v in facts.initial_global.values())),
                 "data": cfg.data.root or "SYNTHETIC (generated)",
+                **budget_facts(cfg),
             })
         elif event_type == AppEventType.ROUND_STARTED:
             self.report.start_round(int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND)))

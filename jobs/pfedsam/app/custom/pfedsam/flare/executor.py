@@ -24,7 +24,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from ..config import PFedSAMConfig
-from ..train import SiteTrainer
+from ..train import SiteTrainer, run_final, run_round
 from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config, resumed_run_dir
 from .persistor import load_weights, save_weights
 
@@ -138,22 +138,9 @@ class PFedSAMExecutor(Executor):
             self.log_info(fl_ctx, f"resumed this site's L-MoE state from {old}")
 
     def _personal(self, trainer: SiteTrainer, fl_ctx: FLContext) -> dict | None:
-        """Ditto's personal copy of the global parameters (G(t) on the first round); None otherwise."""
-        if self.cfg.federation.mode != "ditto":
-            return None
+        """Ditto's personal copy of the global parameters from the last round; None otherwise or at first."""
         path = app_dir(fl_ctx) / PERSONAL_FILE
-        return load_weights(path) if path.is_file() else trainer.get_global_state()
-
-    @staticmethod
-    def _personalize(trainer: SiteTrainer, personal: dict | None, abort=None) -> tuple[dict | None, str, dict]:
-        """The first half of a round against the loaded G: Ditto's personal update, else the L-MoE phase.
-
-        Returns the (updated) personal copy, the phase name and its stats.
-        """
-        if personal is not None:
-            personal, stats = trainer.run_personal_phase(personal, abort=abort)
-            return personal, "personal", stats
-        return None, "local", trainer.run_local_phase(abort=abort)
+        return load_weights(path) if self.cfg.federation.mode == "ditto" and path.is_file() else None
 
     @staticmethod
     def _save_site_state(trainer: SiteTrainer, personal: dict | None, folder: Path) -> None:
@@ -165,53 +152,37 @@ class PFedSAMExecutor(Executor):
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
         cfg = self.cfg
+        site = fl_ctx.get_identity_name()
         rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
         dxo = from_shareable(shareable)
         self._load_round_state(trainer, dxo.data, fl_ctx)
-        start = time.perf_counter()
-
-        def aborted() -> bool:
-            return abort_signal.triggered
-
-        personal = self._personal(trainer, fl_ctx)
-        if cfg.train.schedule == "joint":
-            phases = {"joint": trainer.run_joint_phase(abort=aborted)}
-            steps = phases["joint"]["steps"]
-            val = {w: trainer.evaluate("val", w) for w in ("personalized", "global")}
-        else:
-            personal, name, stats = self._personalize(trainer, personal, aborted)
-            phases = {name: stats}
-            with trainer.global_swapped(personal):  # Ditto's personalized model is its personal copy
-                val = {"personalized": trainer.evaluate("val", "personalized")}
-            val["global"] = trainer.evaluate("val", "global")
-            phases["global"] = trainer.run_global_phase(abort=aborted)
-            steps = phases["global"]["steps"]
+        result = run_round(trainer, rnd, self._personal(trainer, fl_ctx), abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         folder = app_dir(fl_ctx)
-        self._save_site_state(trainer, personal, folder)
+        self._save_site_state(trainer, result.personal, folder)
         weights = trainer.get_global_state()
         if cfg.federation.mode == "local":
             save_weights(folder / OWN_GLOBAL_FILE, weights)
+        val = result.val
         metrics = {"val_dice_personalized": val["personalized"]["dice"], "val_dice_global": val["global"]["dice"],
                    "val_hd95_personalized": val["personalized"]["hd95"], "val_hd95_global": val["global"]["hd95"],
-                   "round_seconds": time.perf_counter() - start}
-        for phase, res in phases.items():
+                   "round_seconds": result.seconds, "train_steps": result.steps, "train_images": result.images}
+        for phase, res in result.phases.items():
             metrics.update({f"{phase}_{k}": v for k, v in res.items() if k != "seconds"})
-        busy = sum(res["seconds"] for res in phases.values())
-        trained = sum(res["steps"] for res in phases.values()) * cfg.train.batch_size
-        metrics["train_images_per_s"] = trained / busy if busy > 0 else 0.0
+        busy = sum(res["seconds"] for res in result.phases.values())
+        metrics["train_images_per_s"] = result.images / busy if busy > 0 else 0.0
         # this site process's peak resident memory so far (Linux reports KiB)
         metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self._log(fl_ctx, metrics, rnd)
-        self.log_info(fl_ctx, f"round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
-                              f"global {metrics['val_dice_global']:.4f}, {steps} global steps, "
-                              f"{metrics['round_seconds']:.1f} s")
+        self.log_info(fl_ctx, f"{site} round {rnd}: val Dice personalized {metrics['val_dice_personalized']:.4f} "
+                              f"global {metrics['val_dice_global']:.4f}, {result.steps} steps "
+                              f"({result.images} images), {result.seconds:.1f} s")
         if cfg.federation.keep_round_states:  # audit trail, stays at the site
             save_weights(folder / "sent" / f"round_{rnd}.npz", weights)
             trainer.save_local_state(folder / "local_states" / f"round_{rnd}.pt")
         out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta={
-            MetaKey.NUM_STEPS_CURRENT_ROUND: steps,
+            MetaKey.NUM_STEPS_CURRENT_ROUND: result.global_steps,
             MetaKey.INITIAL_METRICS: {"val_dice_personalized": metrics["val_dice_personalized"]},
             METRICS_KEY: {k: float(v) for k, v in metrics.items()},
         })
@@ -220,26 +191,16 @@ class PFedSAMExecutor(Executor):
     def _final(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
         cfg = self.cfg
+        site = fl_ctx.get_identity_name()
         self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx)
-        results: dict = {"global": trainer.evaluate("test", "global")}
-        personal = self._personal(trainer, fl_ctx)
-        if cfg.train.schedule == "decoupled":
-            # The first half of a round against G(T): the L-MoE (or Ditto's copy) was last trained
-            # against G(T-1); without this step the personalized model pairs it with a global
-            # model it has never seen. No-op without experts (fedavg, fedprox).
-            personal, _, _ = self._personalize(trainer, personal)
-            self._save_site_state(trainer, personal, app_dir(fl_ctx))
+        final = run_final(trainer, self._personal(trainer, fl_ctx))
+        self._save_site_state(trainer, final.personal, app_dir(fl_ctx))
+        results: dict = {"global": final.val["global"], "personalized": final.val["personalized"],
+                         "final_steps": final.steps}
         folder = app_dir(fl_ctx) / "personalized_model"
-        # Ditto's personalized model is its personal copy; the others' is the model as trained.
-        with trainer.global_swapped(personal):
-            n = cfg.federation.final_local_steps
-            if n:  # "+ local fine-tune": personalize the final model with a few more local steps
-                if trainer.model.has_experts:
-                    trainer.run_local_phase(n)
-                else:
-                    trainer.run_global_phase(n)
-            results["personalized"] = trainer.evaluate("test", "personalized")
-            trainer.save_model(folder, {"round": cfg.federation.rounds, "mode": cfg.federation.mode})
+        with trainer.global_swapped(final.personal):  # Ditto's personalized model is its personal copy
+            trainer.save_model(folder, {"round": cfg.federation.rounds - 1,  # the last round's G(T)
+                                        "rounds": cfg.federation.rounds, "mode": cfg.federation.mode})
         results["export"] = "none"
         if cfg.federation.export_format == "onnx":
             try:
@@ -252,6 +213,6 @@ class PFedSAMExecutor(Executor):
                 self.log_error(fl_ctx, f"ONNX export failed: {exc}\n{traceback.format_exc()}")
         self._log(fl_ctx, {f"test_dice_{w}": results[w]["dice"] for w in ("personalized", "global")},
                   cfg.federation.rounds)
-        self.log_info(fl_ctx, f"final test Dice personalized {results['personalized']['dice']:.4f} "
+        self.log_info(fl_ctx, f"{site} final test Dice personalized {results['personalized']['dice']:.4f} "
                               f"global {results['global']['dice']:.4f}; model in {folder}")
         return DXO(data_kind=DataKind.METRICS, data=results).to_shareable()

@@ -1,0 +1,185 @@
+"""One round, one budget, one data stream: the rules every method and every caller share."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pfedsam.config import ConfigError, load_config
+from pfedsam.data.synth import write_synthetic_sites
+from pfedsam.jobs import VARIANTS, variant_config
+from pfedsam.train import SiteTrainer, Stream, plan_steps, run_final, run_round
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_JOB = ROOT / "jobs" / "pfedsam"
+SMALL = ["backbone=tiny", "train.device=cpu", "train.batch_size=2", "federation.rounds=3",
+         "train.local_steps=2", "train.global_steps=3", "train.final_steps=2", "eval.hd95=false"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_sites(root / "set", sites=1, per_site=16, seed=0)
+    return root / "set" / "site-1"
+
+
+def _trainer(tmp_path: Path, site: Path, *extra: str) -> SiteTrainer:
+    return SiteTrainer(load_config(overrides=[*SMALL, *extra]), "site-1", site_dir=site, workdir=tmp_path)
+
+
+def _record_batches(trainer: SiteTrainer) -> list[tuple[str, int, list[int]]]:
+    """Wrap the trainer's batch draw: (phase, round, indices) of every batch it trains on."""
+    seen: list[tuple[str, int, list[int]]] = []
+    draw = trainer._next_indices
+
+    def recording(n: int, total: int) -> list[int]:
+        idx = draw(n, total)
+        seen.append((trainer._stream.phase, trainer._stream.round, idx))
+        return idx
+
+    trainer._next_indices = recording
+    return seen
+
+
+# -- the budget -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "pfedsam-tiny"])
+def test_every_variant_spends_the_same_budget(variant):
+    """rounds * (local + global) + final steps per site, whatever the method (main job: 3 * (8 + 12) + 8)."""
+    plan = plan_steps(variant_config(variant, MAIN_JOB))
+    assert plan.total_steps == 68
+    assert plan.total_images == 68 * 4
+
+
+@pytest.mark.parametrize(
+    "overrides,rounds,final",
+    [
+        ([], [{"local": 2, "global": 3}] * 3, {"local": 2}),
+        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"],
+         [{"global": 5}, {"global": 5}, {"global": 7}], {}),
+        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg", "federation.final_finetune=true"],
+         [{"global": 5}] * 3, {"finetune": 2}),
+        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"],
+         [{"personal": 2, "global": 3}] * 3, {"personal": 2}),
+        (["train.schedule=joint"], [{"joint": 5}] * 3, {"local": 2}),
+        (["federation.mode=local"], [{"local": 2, "global": 3}] * 3, {"local": 2}),
+    ],
+)
+def test_plan_phases(overrides, rounds, final):
+    plan = plan_steps(load_config(overrides=[*SMALL, *overrides]))
+    assert [dict(r) for r in plan.rounds] == rounds
+    assert dict(plan.final) == final
+    assert plan.total_steps == 3 * 5 + 2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"],
+     ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg", "federation.final_finetune=true"],
+     ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], ["train.schedule=joint"]],
+)
+def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
+    """What run_round / run_final actually train equals the plan: the budget is not only on paper."""
+    trainer = _trainer(tmp_path, site, *overrides)
+    seen = _record_batches(trainer)
+    personal, spent = None, 0
+    for rnd in range(3):
+        result = run_round(trainer, rnd, personal)
+        personal, spent = result.personal, spent + result.steps
+        assert result.images == result.steps * 2
+    spent += run_final(trainer, personal).steps
+    assert spent == len(seen) == plan_steps(trainer.cfg).total_steps == 17
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("federation.final_local_steps", "20", "'train.final_steps'"),
+    ("federation.final_finetune", "true", "without a personal part"),
+    ("train.final_steps", "-1", "'train.final_steps' must be >= 0"),
+])
+def test_budget_keys_are_checked(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=[f"{key}={value}"])
+
+
+# -- the data stream ------------------------------------------------------------------------------------
+def test_rounds_see_new_batches_and_every_image(tmp_path, site):
+    trainer = _trainer(tmp_path, site)
+    seen = _record_batches(trainer)
+    for rnd in range(3):
+        run_round(trainer, rnd)
+    by_round = {rnd: [i for p, r, idx in seen if p == "global" and r == rnd for i in idx] for rnd in range(3)}
+    assert by_round[0] != by_round[1] != by_round[2]
+    n_train = trainer.num_train_images
+    drawn = [i for p, _, idx in seen if p == "global" for i in idx]
+    assert len(drawn) == 3 * 3 * 2 >= n_train  # 18 draws over 11 images: the stream covers all of them
+    assert set(drawn) == set(range(n_train))
+    assert sorted(drawn[:n_train]) == list(range(n_train))  # one whole epoch before any image repeats
+
+
+def test_stream_does_not_depend_on_process_lifetime(tmp_path, site):
+    """A client re-created for round 2 (the simulator with -t < -n) trains on what a living one would."""
+    living = _trainer(tmp_path / "a", site)
+    seen_living = _record_batches(living)
+    for rnd in range(3):
+        run_round(living, rnd, evaluate=False)
+    fresh = _trainer(tmp_path / "b", site)
+    seen_fresh = _record_batches(fresh)
+    run_round(fresh, 2, evaluate=False)
+    assert [s for s in seen_living if s[1] == 2] == seen_fresh
+
+
+def test_augmentation_differs_between_rounds(tmp_path, site):
+    trainer = _trainer(tmp_path, site)
+    flips = []
+    for rnd in range(2):
+        trainer._open_stream(Stream("global", rnd, start=0))  # same images, another round
+        flips.append([trainer._rng.random() for _ in range(8)])
+    assert flips[0] != flips[1]
+
+
+# -- the final personalization --------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,phase_method", [
+    ([], "run_local_phase"),
+    (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], "run_personal_phase"),
+])
+def test_final_personalizes_against_the_last_global_model(tmp_path, site, overrides, phase_method):
+    """Regression: at the final evaluation the L-MoE (or Ditto's copy) was trained against G(T), not G(T-1)."""
+    trainer = _trainer(tmp_path, site, *overrides)
+    personal = None
+    for rnd in range(3):
+        personal = run_round(trainer, rnd, personal).personal
+    g_last = {k: v + 0.01 for k, v in trainer.get_global_state().items()}  # the server's G(T) differs from G_i
+    trainer.set_global_state(g_last)
+    teachers: list[dict] = []
+    method = getattr(trainer, phase_method)
+
+    def recording(*args, **kwargs):
+        teachers.append(trainer.get_global_state())  # the global model loaded while it trains
+        return method(*args, **kwargs)
+
+    setattr(trainer, phase_method, recording)
+    final = run_final(trainer, personal)
+    assert len(teachers) == 1 and final.steps == 2
+    for name, value in g_last.items():
+        np.testing.assert_array_equal(teachers[0][name], value)
+    assert 0.0 <= final.val["personalized"]["dice"] <= 1.0
+
+
+# -- one implementation ---------------------------------------------------------------------------------
+def test_phases_are_run_only_by_the_round_functions():
+    """The executor, `pfedsam train` and the benchmark all go through run_round / run_final."""
+    callers = []
+    for path in [*(ROOT / "custom" / "pfedsam").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
+        text = path.read_text()
+        # train_step.py times single phases on purpose (a speed benchmark, not a round loop)
+        if re.search(r"\.run_(local|global|joint|personal)_phase\(", text) and path.name not in (
+                "rounds.py", "train_step.py"):
+            callers.append(path.relative_to(ROOT).as_posix())
+    assert callers == []
+    for user in ("custom/pfedsam/flare/executor.py", "custom/pfedsam/cli.py", "benchmarks/run.py"):
+        text = (ROOT / user).read_text()
+        assert "run_round(" in text and "run_final(" in text, user
