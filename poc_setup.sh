@@ -310,6 +310,7 @@ do_prepare() {
     echo "      config_folder: config"
     echo "  - path: nvflare.lighter.impl.cert.CertBuilder"
     echo "  - path: nvflare.lighter.impl.signature.SignatureBuilder"
+    echo "  - path: pfedsam.flare.provision.SitePolicyBuilder"
   } >"$project"
   info "provisioning $sites site(s), server localhost:$port, into $POC_WS"
   rm -rf "$POC_WS"

@@ -343,7 +343,7 @@ def test_provision_kits(tmp_path):
     assert {"hospital-a", "hospital-b", "hospital-c"} <= {c["name"] for c in clients}
     assert any(a.get("role") == "project_admin" for a in admins)
     builders = [b["path"].rsplit(".", 1)[1] for b in project["builders"]]
-    assert builders == ["WorkspaceBuilder", "StaticFileBuilder", "CertBuilder", "SignatureBuilder"]
+    assert builders == ["WorkspaceBuilder", "StaticFileBuilder", "CertBuilder", "SignatureBuilder", "SitePolicyBuilder"]
 
     home = tmp_path / "home"
     home.mkdir()
@@ -372,9 +372,14 @@ def test_provision_kits(tmp_path):
     assert json.loads((kit / "startup" / "fed_server.json").read_text())["servers"][0]["service"]["target"] == \
         f"{server['name']}:{port}"
     assert (kit / "local" / "resources.json.default").is_file()
+    from pfedsam.flare.provision import AUTHORIZATION_FILE, PRIVACY_FILE
+
+    assert (kit / "local" / "authorization.json").read_text() == AUTHORIZATION_FILE.read_text()
 
     for c in clients:
         kit = prod / c["name"]
+        for shipped in (PRIVACY_FILE, AUTHORIZATION_FILE):  # the site policy, in every hospital kit
+            assert (kit / "local" / shipped.name).read_text() == shipped.read_text(), f"{c['name']}: {shipped.name}"
         for f in ("fed_client.json", "client.crt", "client.key", "rootCA.pem", "start.sh", "sub_start.sh"):
             assert (kit / "startup" / f).is_file(), f"{c['name']} kit lacks startup/{f}"
         assert os.access(kit / "startup" / "start.sh", os.X_OK)
@@ -468,6 +473,59 @@ def test_abort_job(poc, tmp_path):
         conn.close()
     assert wait_until(lambda: not [c for c in marked_procs(poc.marker).values() if job_id in c], 30), \
         f"processes of aborted job {job_id} still alive"
+
+
+def test_resume_after_killed_site(poc, tmp_path):
+    """Issue 12 item 7: a site's job process is killed mid-job; the same job resumed by id finishes it.
+
+    FLARE ends the job FINISHED:EXECUTION_EXCEPTION and deletes its run folders; the server's and
+    the sites' pfedsam_state/<job id>/ folders outlive them, and federation.resume_from=<job id>
+    continues from the last completed round up to the same total.
+    """
+    from pfedsam.flare.admin import Conn, follow_job
+    from pfedsam.jobs import make_variant
+
+    rounds = 5
+    common = {"data": {"synthetic_dir": str(tmp_path / "synthetic")},
+              "train": {"local_steps": 20, "global_steps": 20}}
+    first = make_variant("pfedsam-tiny", tmp_path / "a", ROOT / "jobs" / "pfedsam", extra={
+        **common, "federation": {"rounds": rounds, "export_format": "none", "task_timeout_s": 120}})
+    prod = poc.state_dir / "workspace" / "pfedsam_poc" / "prod_00"
+    conn = Conn(str(poc.kit), ADMIN_USER)
+    try:
+        job_id = conn.sess.submit_job(str(first))
+        progress = prod / "localhost" / "pfedsam_state" / job_id / "progress.json"
+
+        def done() -> int:
+            return json.loads(progress.read_text())["completed_rounds"] if progress.is_file() else 0
+
+        assert wait_until(lambda: done() >= 1, 300, 0.1), f"job {job_id} completed no round"
+        site_procs = {p: c for p, c in marked_procs(poc.marker).items() if job_id in c and "site-2" in c}
+        assert site_procs, f"no job process of site-2 for {job_id}"
+        for pid in site_procs:
+            os.kill(pid, 9)
+        killed_after = done()
+        assert killed_after < rounds, "the job finished before the site was killed"
+        status = follow_job(conn, job_id, timeout=300, poll=0.5, show_rounds=False)
+        assert status.startswith("FINISHED") and status != "FINISHED:COMPLETED", status
+        completed = done()
+        assert 1 <= completed < rounds
+        for site in ("site-1", "site-2"):
+            assert (prod / site / "pfedsam_state" / job_id / "pfedsam_local_state.pt").is_file(), site
+
+        second = make_variant("pfedsam-tiny", tmp_path / "b", ROOT / "jobs" / "pfedsam", extra={
+            **common, "federation": {"rounds": rounds, "export_format": "none", "resume_from": job_id,
+                                     "start_round": completed}})
+        job2 = conn.sess.submit_job(str(second))
+        status = follow_job(conn, job2, timeout=600, poll=0.5, show_rounds=False)
+        assert status == "FINISHED:COMPLETED", status
+        report = json.loads((prod / "localhost" / "pfedsam_state" / job2 / "report.json").read_text())
+        assert [r["round"] for r in report["rounds"]] == list(range(completed, rounds))
+        assert set(report["final"]) == {"site-1", "site-2"}
+        for entry in report["rounds"]:
+            assert all(c["accepted"] for c in entry["sites"].values()), entry
+    finally:
+        conn.close()
 
 
 def test_stop_leaves_no_process(poc):

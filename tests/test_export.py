@@ -219,6 +219,17 @@ def test_predict_tiny_ok_and_box_scaling(tiny_box, tmp_path):
         assert m.size == (51, 64)  # original W x H, not the model's 64 x 64 frame
 
 
+def test_predict_skips_a_bad_image_and_writes_the_rest(tiny_box, tmp_path):
+    folder, good = tiny_box
+    bad = tmp_path / "broken.png"
+    bad.write_text("this is not an image")
+    summary = predict(folder, [good, bad], tmp_path / "out", box="2,3,40,50", warmup=0)
+    assert summary["n_images"] == 1 and summary["n_skipped"] == 1
+    assert summary["skipped"][0]["image"] == str(bad) and "cannot read the image" in summary["skipped"][0]["reason"]
+    assert (tmp_path / "out" / "masks" / "good.png").is_file()
+    assert json.loads((tmp_path / "out" / "timings.json").read_text())["n_skipped"] == 1
+
+
 def test_bad_inputs_name_the_file(tiny_box, tmp_path, capsys):
     folder, good = tiny_box
     out = str(tmp_path / "out")

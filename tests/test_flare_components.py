@@ -21,14 +21,14 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
 from pfedsam.flare.aggregation import check_contribution, weighted_mean
-from pfedsam.flare.aggregator import GlobalWeightsAggregator, ReportWriter
-from pfedsam.flare.common import FP16_KEY, model_facts
+from pfedsam.flare.aggregator import GlobalWeightsAggregator, NotEnoughSites, ReportWriter
+from pfedsam.flare.common import FP16_KEY, NUM_EXAMPLES_KEY, model_facts
 from pfedsam.flare.filters import Fp16Dequantizer, Fp16Quantizer, GlobalKeyCheck, GlobalOnlyFilter
 from pfedsam.flare.report import RunReport
 
 torch.set_num_threads(1)
 
-TINY = {"backbone": "tiny", "train": {"device": "cpu", "num_threads": 1}}
+TINY = {"backbone": "tiny", "train": {"device": "cpu", "num_threads": 1}, "federation": {"min_clients": 1}}
 
 
 class _Workspace:
@@ -56,12 +56,16 @@ class _Engine:
         self.workspace = _Workspace(root)
         self.components = components or {}
         self.events: list[str] = []
+        self.clients: list[str] = []  # the federation's sites (those sending nothing are "missing")
 
     def get_workspace(self) -> _Workspace:
         return self.workspace
 
     def get_component(self, cid: str):
         return self.components.get(cid)
+
+    def get_clients(self) -> list:
+        return [type("Client", (), {"name": n})() for n in self.clients]
 
     def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
         self.events.append(event_type)
@@ -97,7 +101,8 @@ def job(tmp_path_factory) -> _Job:
 
 @pytest.fixture(scope="module")
 def fp16_job(tmp_path_factory) -> _Job:
-    return _Job(tmp_path_factory.mktemp("job16"), "unit-job-fp16", {**TINY, "federation": {"compression": "fp16"}})
+    fed = {"min_clients": 1, "compression": "fp16"}
+    return _Job(tmp_path_factory.mktemp("job16"), "unit-job-fp16", {**TINY, "federation": fed})
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +119,10 @@ def _perturbed(facts, seed: int) -> dict[str, np.ndarray]:
     return {k: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in _g0(facts).items()}
 
 
-def _result(weights: dict, site: str, rnd: int | None, steps=4, kind=DataKind.WEIGHTS) -> Shareable:
-    s = DXO(data_kind=kind, data=weights, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}).to_shareable()
+def _result(weights: dict, site: str, rnd: int | None, steps=4, kind=DataKind.WEIGHTS, examples=None) -> Shareable:
+    examples = steps if examples is None else examples
+    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: steps, NUM_EXAMPLES_KEY: examples}
+    s = DXO(data_kind=kind, data=weights, meta=meta).to_shareable()
     s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
     if rnd is not None:
         s.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
@@ -283,17 +290,19 @@ def test_aggregator_rejects_a_second_result_from_the_same_site(job, facts):
     np.testing.assert_array_equal(out[_first(facts.global_names)], first[_first(facts.global_names)])
 
 
-def test_aggregator_all_rejected_keeps_global_unchanged(job, facts):
+def test_aggregator_all_rejected_stops_the_run(job, facts):
+    """Fewer accepted than min_clients: no aggregate of what is left, a clear error, the report says why."""
     g0 = _g0(facts)
     local = _perturbed(facts, 3)
     _bad_local(local, facts)
     results = [_result(_perturbed(facts, 1), "site-1", 0), _result(local, "site-2", 1),
                _result(_perturbed(facts, 2), "site-3", 1, 0)]
-    accepted, out = _aggregate(job, g0, results)
-    assert accepted == [False, False, False]
-    assert set(out) == set(g0)
-    for name, value in g0.items():
-        np.testing.assert_array_equal(out[name], value)
+    agg = GlobalWeightsAggregator()
+    job.report.report = RunReport()
+    assert [agg.accept(r, job.ctx(1, g0)) for r in results] == [False, False, False]
+    with pytest.raises(NotEnoughSites, match="only 0 contribution"):
+        agg.aggregate(job.ctx(1, g0))
+    assert "min_clients" in job.report.report.data["stopped"]
 
 
 def test_aggregator_reset_between_rounds(job, facts):

@@ -85,7 +85,7 @@ def test_global_is_weighted_mean_of_what_sites_sent(tiny_run):
         for site in ("site-1", "site-2"):
             with np.load(ws / site / "simulate_job" / f"app_{site}" / "sent" / f"round_{rnd}.npz") as data:
                 sent[site] = {k: data[k] for k in data.files}
-            steps[site] = entry["sites"][site]["num_steps"]
+            steps[site] = entry["sites"][site]["weight"]  # FedAvg weight: the examples it used
         with np.load(ws / "server" / "simulate_job" / "global_rounds" / f"round_{rnd}.npz") as data:
             aggregated = {k: data[k] for k in data.files}
         total = sum(steps.values())

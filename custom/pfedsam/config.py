@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -165,10 +166,20 @@ class FederationConfig:
       wait_after_min_s (int): seconds the server still waits for late sites once ``min_clients``
         results of a round (or of the final evaluation) are in.
       task_timeout_s (int): seconds a site may take for one task before the server stops
-        waiting for it; 0 = no limit.
+        waiting for it (the site is then recorded missing for that round); 0 = automatic, scaled
+        to the round's work (see ``task_timeout``).
+      weighting (str): FedAvg weight of a site: ``examples`` (training images it used, the
+        default), ``uniform`` or ``steps`` (optimizer steps). A weight must be a finite positive
+        integer and equal to what the site declared at its first round.
+      aggregation (str): ``mean`` (weighted), ``trimmed_mean`` or ``median`` (coordinate-wise,
+        robust to a minority of bad sites).
+      trim_fraction (float): share of sites dropped at each end per coordinate (``trimmed_mean``).
+      max_update_ratio (float): refuse a contribution whose update norm ||w_i - G|| exceeds this
+        multiple of the median of the other sites' (0 = no bound).
       resume_from (str|None): id of an interrupted job of this same setup to continue: the server
         starts from that job's last saved global parameters and round, every site from its own
-        saved L-MoE state (FLARE 2.9 cannot resume a job whose server restarted).
+        saved L-MoE state, all kept in ``<workspace>/pfedsam_state/<job id>/`` (FLARE deletes the
+        job folders and cannot resume a job whose server restarted).
       start_round (int): first round of this job: 0, or with ``resume_from`` the number of rounds
         the resumed job completed (the server checks it); the job runs ``rounds - start_round``.
       keep_round_states (bool): keep every round's global state at the server and, at each
@@ -183,6 +194,10 @@ class FederationConfig:
     export_format: str = "onnx"
     wait_after_min_s: int = 10
     task_timeout_s: int = 0
+    weighting: str = "examples"
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_ratio: float = 100.0
     keep_round_states: bool = False
     resume_from: str | None = None
     start_round: int = 0
@@ -246,6 +261,8 @@ _CHOICES = {
     "federation.mode": ("pfedsam", "fedavg", "ditto", "local"),
     "federation.compression": ("none", "fp16"),
     "federation.export_format": ("onnx", "none"),
+    "federation.weighting": ("examples", "uniform", "steps"),
+    "federation.aggregation": ("mean", "trimmed_mean", "median"),
     "eval.empty_dice": ("one", "skip"),
 }
 _NON_NEGATIVE = (
@@ -254,6 +271,7 @@ _NON_NEGATIVE = (
     "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
     "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
+    "federation.max_update_ratio",
 )
 _POSITIVE = (
     "lora.rank", "lora.alpha", "lora.decoder_rank", "lmoe.top_k", "lmoe.hidden",
@@ -304,18 +322,45 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
     for typ in allowed:
         origin = getattr(typ, "__origin__", typ)
         if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(float(value), where, key)
         if origin is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(number, where, key)
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin in (str, bool, dict, list) and isinstance(value, origin):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{where}: '{key}' must be {names}, got {value!r}")
+
+
+def _finite(value: float, where: str, key: str) -> float:
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
+    return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"duplicate key '{key}' (line {key_node.start_mark.line + 1}); "
+                                  "each key may appear once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` that raises ConfigError on a duplicate mapping key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _get(cfg: PFedSAMConfig, dotted: str) -> Any:
@@ -336,6 +381,10 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{where}: '{key}' must be > 0, got {_get(cfg, key)}")
+    if not 0.0 <= cfg.federation.trim_fraction < 0.5:
+        raise ConfigError(
+            f"{where}: 'federation.trim_fraction' must be in [0, 0.5), got {cfg.federation.trim_fraction}"
+        )
     if cfg.lmoe.num_experts and cfg.lmoe.top_k > cfg.lmoe.num_experts:
         raise ConfigError(
             f"{where}: 'lmoe.top_k' ({cfg.lmoe.top_k}) exceeds 'lmoe.num_experts' ({cfg.lmoe.num_experts})"
@@ -418,7 +467,9 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = safe_load_unique(path.read_text()) or {}
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
@@ -434,6 +485,19 @@ def load_config(
 def dump_config(cfg: PFedSAMConfig) -> str:
     """The full config (defaults included) as YAML text."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def task_timeout(cfg: PFedSAMConfig) -> int:
+    """Seconds the server waits for one site's task: ``federation.task_timeout_s``, or when 0 a
+    finite default scaled to the round's work (a dead site never stalls the federation).
+
+    Automatic: 900 s (start-up and the first round's feature-cache fill) + 30 s per optimizer
+    step of the round, final personalization included (about 20x a CPU LiteMedSAM step).
+    """
+    if cfg.federation.task_timeout_s:
+        return int(cfg.federation.task_timeout_s)
+    steps = cfg.train.local_steps + cfg.train.global_steps + cfg.train.final_steps
+    return 900 + 30 * steps
 
 
 def default_image_size(backbone: str) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import PFedSAMConfig, config_from_dict, dump_config, merge_overrides
+from .config import PFedSAMConfig, config_from_dict, dump_config, merge_overrides, task_timeout
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_NAME = "pfedsam.yaml"
@@ -103,9 +103,9 @@ def flare_settings(cfg: PFedSAMConfig) -> dict[str, dict[str, Any]]:
         "meta": {"min_clients": fed.min_clients},
         SAG_ID: {"num_rounds": fed.rounds - fed.start_round, "start_round": fed.start_round,
                  "min_clients": fed.min_clients, "wait_time_after_min_received": fed.wait_after_min_s,
-                 "train_timeout": fed.task_timeout_s, "train_task_name": TRAIN_TASK},
+                 "train_timeout": task_timeout(cfg), "train_task_name": TRAIN_TASK},
         FINAL_ID: {"task_name": FINAL_TASK, "min_responses_required": fed.min_clients,
-                   "wait_time_after_min_received": fed.wait_after_min_s, "timeout": fed.task_timeout_s},
+                   "wait_time_after_min_received": fed.wait_after_min_s, "timeout": task_timeout(cfg)},
         EXECUTOR_ID: {"train_task": TRAIN_TASK, "final_task": FINAL_TASK},
     }
 

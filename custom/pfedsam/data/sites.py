@@ -38,6 +38,10 @@ ON_BAD_FILE = ("error", "skip")
 # Decoded arrays are kept in memory up to this many bytes per dataset; the rest is re-read on use.
 CACHE_BYTES = 1 << 30
 _MAX_LISTED = 20
+# Largest image decoded (width x height): 12000 x 12000 would take 430 MB as RGB and only get a
+# PIL warning; anything above this is refused with a clear error (override: raise this constant).
+MAX_IMAGE_PIXELS = 64_000_000
+LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
 
 
 class SiteDataError(ValueError):
@@ -193,12 +197,25 @@ def load_split(
     return _seeded_split(list(pairs), seed, _check_fractions(fractions))
 
 
+def check_pixels(size: tuple[int, int], path: Path, what: str = "image") -> None:
+    """Refuse an image larger than MAX_IMAGE_PIXELS before it is decoded."""
+    w, h = size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise SiteDataError(f"{path}: {what} is {w}x{h} = {w * h / 1e6:.0f} M pixels, above the limit of "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} M (pfedsam.data.sites.MAX_IMAGE_PIXELS); downscale it first")
+
+
 def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode a file; SiteDataError naming it when unreadable or truncated."""
+    """Open and fully decode a file; SiteDataError naming it when unreadable, truncated or too large."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(path) as im:
+                check_pixels(im.size, path, what)
+                im.load()
+                return im.copy()
+    except SiteDataError:
+        raise
     except Exception as exc:  # PIL raises many types for corrupt files; report them all by name
         raise SiteDataError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
@@ -237,19 +254,32 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    """A mask file as ``H x W`` (first channel of a multi-channel mask)."""
-    a = np.asarray(_open(path, "mask"))
+    """A mask file as ``H x W`` or ``H x W x C`` (colour channels kept, alpha dropped); never JPEG.
+
+    JPEG is refused: its lossy compression changes label values along every edge.
+    """
+    if path.suffix.lower() in LOSSY_MASK_SUFFIXES:
+        raise SiteDataError(f"{path}: mask is a JPEG file; lossy compression alters label values at the edges: "
+                            "save masks as PNG")
+    im = _open(path, "mask")
+    if im.mode in ("LA", "RGBA", "PA"):
+        im = im.convert("L" if im.mode == "LA" else "RGB") if im.mode != "PA" else im.convert("P")
+    a = np.asarray(im)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
-    return a[..., 0] if a.ndim == 3 else a
+    return a
 
 
 def _foreground(mask: np.ndarray, convention: str) -> np.ndarray:
     """Binary ``H x W`` uint8 foreground of a mask under ``convention``.
 
     ``nonzero``: mask > 0; ``zero``: mask == 0; ``below_max``: mask below the format's maximum
-    (255 for 8-bit, 65535 for 16-bit; the mask's own maximum for other types).
+    (255 for 8-bit, 65535 for 16-bit; the mask's own maximum for other types). A colour mask
+    counts every channel: a pixel is non-zero when ANY channel is (a green foreground is
+    foreground), and below the maximum when any channel is.
     """
+    if mask.ndim == 3:
+        mask = mask.min(axis=2) if convention == "below_max" else mask.max(axis=2)
     if convention == "nonzero":
         return (mask > 0).astype(np.uint8)
     if convention == "zero":

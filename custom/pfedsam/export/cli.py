@@ -65,6 +65,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"{summary['mean']['model_ms']:.1f} ms per image (encoder {summary['mean']['encoder_ms']:.1f}, "
           f"decoder {summary['mean']['decoder_ms']:.1f}), {summary['images_per_s_model']:.2f} images/s; "
           f"masks and overlays in {args.out}")
+    for item in summary.get("skipped", []):
+        print(f"SKIPPED {item['reason']}", file=sys.stderr)
     metrics = summary.get("metrics")
     if metrics:
         print("| image | Dice |\n|---|---|")

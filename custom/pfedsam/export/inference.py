@@ -20,8 +20,10 @@ Every bad input is an error (``PredictError``) that names the file.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..data.sites import MAX_IMAGE_PIXELS
 from ..data.transforms import preprocess_image, resized_hw
 from .names import DECODER_FILE, ENCODER_FILE, ENGINES, MANIFEST_FILE  # noqa: F401
 from .onnx_export import sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MANIFEST_KEYS = ("image_size", "normalization", "prompt", "threshold", "backbone", "files", "encoder", "decoder")
+
+
+log = logging.getLogger(__name__)
 
 
 class PredictError(ValueError):
@@ -49,13 +55,22 @@ def read_rgb(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise PredictError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise PredictError(f"{path}: image is {w}x{h} = {w * h / 1e6:.0f} M pixels, above the limit of "
+                                   f"{MAX_IMAGE_PIXELS / 1e6:.0f} M (pfedsam.data.sites.MAX_IMAGE_PIXELS)")
             im.load()
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
             elif im.mode in ("CMYK", "YCbCr"):
                 im = im.convert("RGB")
             array = np.asarray(im)
+    except PredictError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PredictError(f"{path}: cannot read the image ({exc})") from None
     if array.ndim == 3 and array.shape[2] == 1:
@@ -84,8 +99,8 @@ def read_mask(path: Path, hw: tuple[int, int], convention: str, image_path: Path
             m = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PredictError(f"{path}: cannot read the ground-truth mask ({exc})") from None
-    if m.ndim == 3:
-        m = m[..., 0]
+    if m.ndim == 3:  # colour mask: every channel counts (a green foreground is foreground)
+        m = m[..., :3].min(axis=2) if convention == "below_max" else m[..., :3].max(axis=2)
     if tuple(m.shape) != tuple(hw):
         raise PredictError(f"{path}: mask is {m.shape[1]}x{m.shape[0]} (WxH) but its image {image_path} "
                            f"is {hw[1]}x{hw[0]}")
@@ -458,43 +473,20 @@ def predict(
         emb = runner.embed(np.zeros((1, 3, s, s), dtype=np.float32))
         runner.decode(emb, np.array([[0.0, 0.0, s / 2, s / 2]], dtype=np.float32) if runner.prompt == "box" else None)
 
-    rows, metric_rows = [], []
+    rows, metric_rows, skipped = [], [], []
     for f in files:
-        t0 = time.perf_counter()
-        image = read_rgb(f)
-        orig_hw = (int(image.shape[0]), int(image.shape[1]))
-        truth = read_mask(find_mask(masks_path, f.stem, f), orig_hw, runner.mask_convention, f) \
-            if masks_path is not None else None
-        x, valid_hw = preprocess_image(image, s, runner.normalization)
-        box_orig = given_box if given_box is not None else (box_from_mask(truth) if box_from_masks else None)
-        box_in = None
-        if box_orig is not None:
-            check_box(box_orig, orig_hw, f)
-            rh, rw = resized_hw(orig_hw[0], orig_hw[1], s)
-            sx, sy = rw / orig_hw[1], rh / orig_hw[0]
-            x0, y0, x1, y1 = box_orig
-            box_in = np.array([[x0 * sx, y0 * sy, x1 * sx, y1 * sy]], dtype=np.float32)
-        batch = np.ascontiguousarray(x[None].numpy(), dtype=np.float32)
-        t1 = time.perf_counter()
-        emb = runner.embed(batch)
-        t2 = time.perf_counter()
-        logits = runner.decode(emb, box_in)
-        t3 = time.perf_counter()
-        mask = logits_to_mask(logits, valid_hw, orig_hw, runner.threshold)
-        t4 = time.perf_counter()
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{f.stem}.png")
-        Image.fromarray(overlay(image, mask, truth)).save(out / "overlays" / f"{f.stem}.png")
-        t5 = time.perf_counter()
-        row = {"image": str(f), "height": orig_hw[0], "width": orig_hw[1],
-               "read_preprocess_ms": _ms(t1 - t0), "encoder_ms": _ms(t2 - t1), "decoder_ms": _ms(t3 - t2),
-               "postprocess_ms": _ms(t4 - t3), "model_ms": _ms(t4 - t1), "write_ms": _ms(t5 - t4),
-               "foreground_fraction": float(mask.mean())}
-        if box_orig is not None:
-            row["box"] = [float(v) for v in box_orig]
+        try:
+            row, metric_row = _predict_one(f, runner, out, given_box, box_from_masks, masks_path, image_metrics)
+        except PredictError as exc:  # one bad image must not cost the others their results
+            log.warning("skipped %s", exc)
+            skipped.append({"image": str(f), "reason": str(exc)})
+            continue
         rows.append(row)
-        if truth is not None:
-            m = image_metrics(torch.from_numpy(mask), torch.from_numpy(truth), orig_hw, hd95=False)
-            metric_rows.append({"image": str(f), "mask": str(find_mask(masks_path, f.stem, f)), **m})
+        if metric_row is not None:
+            metric_rows.append(metric_row)
+    if not rows:
+        raise PredictError(f"no image could be segmented ({len(skipped)} skipped): "
+                           + "; ".join(s["reason"] for s in skipped[:5]))
 
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows]))
@@ -514,6 +506,8 @@ def predict(
         "load_s": round(load_s, 3),
         "warmup_runs": warmup,
         "n_images": len(rows),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
         "mean": {k: round(mean(k), 3) for k in keys},
         "images_per_s_model": 1000.0 / mean("model_ms"),
         "images_per_s_end_to_end": 1000.0 / (mean("model_ms") + mean("read_preprocess_ms") + mean("write_ms")),
@@ -530,6 +524,47 @@ def predict(
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         summary["metrics"] = metrics
     return summary
+
+
+def _predict_one(f: Path, runner: Runner, out: Path, given_box, box_from_masks: bool, masks_path: Path | None,
+                 image_metrics) -> tuple[dict, dict | None]:
+    """Segment one image and write its mask and overlay; PredictError when the image is unusable."""
+    s = runner.image_size
+    t0 = time.perf_counter()
+    image = read_rgb(f)
+    orig_hw = (int(image.shape[0]), int(image.shape[1]))
+    truth = read_mask(find_mask(masks_path, f.stem, f), orig_hw, runner.mask_convention, f) \
+        if masks_path is not None else None
+    x, valid_hw = preprocess_image(image, s, runner.normalization)
+    box_orig = given_box if given_box is not None else (box_from_mask(truth) if box_from_masks else None)
+    box_in = None
+    if box_orig is not None:
+        check_box(box_orig, orig_hw, f)
+        rh, rw = resized_hw(orig_hw[0], orig_hw[1], s)
+        sx, sy = rw / orig_hw[1], rh / orig_hw[0]
+        x0, y0, x1, y1 = box_orig
+        box_in = np.array([[x0 * sx, y0 * sy, x1 * sx, y1 * sy]], dtype=np.float32)
+    batch = np.ascontiguousarray(x[None].numpy(), dtype=np.float32)
+    t1 = time.perf_counter()
+    emb = runner.embed(batch)
+    t2 = time.perf_counter()
+    logits = runner.decode(emb, box_in)
+    t3 = time.perf_counter()
+    mask = logits_to_mask(logits, valid_hw, orig_hw, runner.threshold)
+    t4 = time.perf_counter()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{f.stem}.png")
+    Image.fromarray(overlay(image, mask, truth)).save(out / "overlays" / f"{f.stem}.png")
+    t5 = time.perf_counter()
+    row = {"image": str(f), "height": orig_hw[0], "width": orig_hw[1],
+           "read_preprocess_ms": _ms(t1 - t0), "encoder_ms": _ms(t2 - t1), "decoder_ms": _ms(t3 - t2),
+           "postprocess_ms": _ms(t4 - t3), "model_ms": _ms(t4 - t1), "write_ms": _ms(t5 - t4),
+           "foreground_fraction": float(mask.mean())}
+    if box_orig is not None:
+        row["box"] = [float(v) for v in box_orig]
+    if truth is None:
+        return row, None
+    m = image_metrics(torch.from_numpy(mask), torch.from_numpy(truth), orig_hw, hd95=False)
+    return row, {"image": str(f), "mask": str(find_mask(masks_path, f.stem, f)), **m}
 
 
 def _header_hw(path: Path) -> tuple[int, int] | None:

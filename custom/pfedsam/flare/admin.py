@@ -325,10 +325,10 @@ def follow_job(conn: Conn, job_id: str, timeout: float = 0.0, poll: float = 2.0,
 STALE_HELP = """\
 job {job_id} is listed as RUNNING but no longer runs on the server:
 the server was restarted while it ran. FLARE 2.9 does not resume such a job, and the entry cannot
-be aborted, deleted or downloaded. Resume from its last global model with a new job: the server
-keeps that model in <server workspace>/{job_id}/ (admin console: ls server {job_id}).
-Submit the job again with --set start_round=K --set num_rounds=R-K and that model as the source
-checkpoint (README: "Resuming after a server crash")."""
+be aborted, deleted or downloaded. Resume it with a new job: the server and every site keep the
+last completed round's state in <workspace>/pfedsam_state/{job_id}/ (outside the job folder).
+Submit the same job again with --set federation.resume_from={job_id}
+(README: "Resuming after a crash")."""
 
 
 def download(sess, job_id: str, dest: str | os.PathLike) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -15,6 +16,25 @@ CONFIG_FILE = "pfedsam.yaml"
 METRICS_KEY = "pfedsam_metrics"  # DXO meta key of the per-round metrics a site reports
 FP16_KEY = "pfedsam_fp16"  # DXO meta key naming the arrays quantized to float16 on the wire
 WIRE_BYTES_KEY = "pfedsam_wire_bytes"  # DXO meta key: array bytes as received, before dequantizing
+BEST_MODEL_KEY = "pfedsam_best_global"  # fl_ctx prop: global parameters the aggregator selected as best
+NUM_EXAMPLES_KEY = "pfedsam_num_examples"  # DXO meta key: training examples the site used (FedAvg weight)
+
+# -- the metric allow-list: exactly what the executor emits, nothing else ---------------------------------
+# One table for the filters (GlobalOnlyFilter, MetricsOnlyFilter), the server's report and TensorBoard.
+# A name that is not here never leaves a site; code that emits a new metric adds its name here.
+_PHASES = ("local", "personal", "joint", "global")
+_PHASE_STATS = ("steps", "images", "loss", "seg", "kd", "balance", "prox")
+ROUND_METRICS: dict[str, type] = {
+    "val_dice_personalized": float, "val_dice_global": float, "val_hd95_personalized": float,
+    "val_hd95_global": float, "round_seconds": float, "train_steps": float, "train_images": float,
+    "train_images_per_s": float, "peak_rss_mb": float,
+    **{f"{phase}_{stat}": float for phase in _PHASES for stat in _PHASE_STATS},
+}
+FINAL_MODELS = ("global", "personalized")  # final result: {model: {stat: number}} + the export status
+FINAL_STATS: dict[str, type] = {"n": float, "n_empty": float, "dice": float, "hd95": float}
+FINAL_STATUS: dict[str, tuple[str, ...]] = {"export": ("onnx", "none", "failed")}
+FINAL_NUMBERS: dict[str, type] = {"final_steps": float}
+TB_TAGS = frozenset(ROUND_METRICS) | {f"test_dice_{m}" for m in FINAL_MODELS}  # scalars sent to TensorBoard
 
 
 _CODE_CHECKED: set[str] = set()
@@ -92,25 +112,44 @@ def check_shipped_code(fl_ctx: FLContext) -> str:
     return jobs.check_code(custom)
 
 
-def resumed_run_dir(fl_ctx: FLContext, resume_from: str) -> Path:
-    """The run folder of an earlier job on this participant.
+STATE_DIRNAME = "pfedsam_state"
+PROGRESS_FILE = "progress.json"
 
-    ``resume_from`` is a job id (its folder ``<workspace root>/<job id>`` on every participant),
-    or an absolute path to an archive holding one such folder per participant, named
-    ``server`` for the server and by site name for the sites.
+
+def state_dir(fl_ctx: FLContext, job_id: str | None = None) -> Path:
+    """``<this participant's workspace root>/pfedsam_state/<job id>``: resume state kept outside the
+    job's run folder, which FLARE deletes when a job ends (also when a site process was killed)."""
+    root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+    return root / STATE_DIRNAME / (job_id or fl_ctx.get_job_id())
+
+
+def resumed_run_dir(fl_ctx: FLContext, resume_from: str) -> Path:
+    """The saved state of an earlier job on this participant.
+
+    ``resume_from`` is a job id: its resume folder ``<workspace root>/pfedsam_state/<job id>``
+    (written every round, kept after the job ends), else its run folder ``<workspace root>/<job id>``
+    if FLARE still has it. Or an absolute path to an archive holding one run folder per
+    participant, named ``server`` for the server and by site name for the sites.
     """
     if Path(resume_from).is_absolute():
         name = "server" if fl_ctx.get_engine().get_workspace().site_name in ("server", "simulator_server") \
             else fl_ctx.get_identity_name()
         folder = Path(resume_from) / name
     else:
-        folder = Path(fl_ctx.get_engine().get_workspace().get_run_dir(resume_from))
+        if resume_from == fl_ctx.get_job_id():
+            raise ValueError(f"federation.resume_from: '{resume_from}' is this job's own id")
+        kept = state_dir(fl_ctx, resume_from)
+        folder = kept if kept.is_dir() else Path(fl_ctx.get_engine().get_workspace().get_run_dir(resume_from))
     if not folder.is_dir():
-        raise FileNotFoundError(f"federation.resume_from: no run folder {folder} of '{resume_from}' here")
+        raise FileNotFoundError(f"federation.resume_from: no saved state of '{resume_from}' here "
+                                f"(looked for {state_dir(fl_ctx, resume_from)} and {folder})")
     return folder
 
 
 def completed_rounds(server_run_dir: Path) -> int:
-    """Rounds an earlier job finished, from the per-round global files its persistor kept."""
+    """Rounds an earlier job finished: its resume folder's progress.json, else its per-round files."""
+    progress = server_run_dir / PROGRESS_FILE
+    if progress.is_file():
+        return int(json.loads(progress.read_text())["completed_rounds"])
     done = [int(p.stem.split("_")[1]) for p in (server_run_dir / "global_rounds").glob("round_*.npz")]
     return max(done) + 1 if done else 0

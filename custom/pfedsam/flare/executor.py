@@ -25,7 +25,18 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..config import PFedSAMConfig
 from ..train import SiteTrainer, run_final, run_round
-from .common import CONFIG_FILE, METRICS_KEY, app_dir, check_shipped_code, job_config, resumed_run_dir
+from .common import (
+    CONFIG_FILE,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    ROUND_METRICS,
+    TB_TAGS,
+    app_dir,
+    check_shipped_code,
+    job_config,
+    resumed_run_dir,
+    state_dir,
+)
 from .persistor import load_weights, save_weights
 
 LOCAL_STATE_FILE = "pfedsam_local_state.pt"
@@ -58,6 +69,36 @@ def site_settings(fl_ctx: FLContext) -> dict:
     return settings
 
 
+def check_incoming_global(weights: object, expected: list[str]) -> dict:
+    """The global parameters the server sent, refused (ValueError) unless complete and finite.
+
+    A poisoned or corrupted global model must never be trained on: the site would carry NaN
+    into its L-MoE. The task fails with this message and the site's saved state stays as it was.
+    """
+    if not isinstance(weights, dict):
+        raise ValueError(f"incoming global model is a {type(weights).__name__}, not a dict of arrays")
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"incoming global model misses {len(missing)} parameter(s), e.g. '{missing[0]}'")
+    bad = sorted(k for k, v in weights.items() if not np.isfinite(np.asarray(v, np.float64)).all())
+    if bad:
+        raise ValueError(f"refusing the incoming global model: NaN/Inf in {len(bad)} parameter(s), e.g. '{bad[0]}'; "
+                         "this site's saved L-MoE state is left untouched")
+    return weights
+
+
+def allowed_metrics(metrics: dict) -> dict[str, float]:
+    """The round metrics as sent: exactly the allow-listed names (ROUND_METRICS), as floats.
+
+    A name the executor emits but the table lacks is an error here, at the site, instead of a
+    result the site's own GlobalOnlyFilter would block.
+    """
+    unknown = sorted(set(metrics) - set(ROUND_METRICS))
+    if unknown:
+        raise KeyError(f"metric(s) {unknown} are not in ROUND_METRICS (pfedsam/flare/common.py); add them there")
+    return {k: float(v) for k, v in metrics.items()}
+
+
 class PFedSAMExecutor(Executor):
     """Runs the site's part of pFedSAM.
 
@@ -77,6 +118,8 @@ class PFedSAMExecutor(Executor):
         self.log_writer_id = log_writer_id
         self.trainer: SiteTrainer | None = None
         self.cfg: PFedSAMConfig | None = None
+        self._keep_dir: Path | None = None
+        self._round: int | None = None
 
     # -- setup -------------------------------------------------------------------------------------------
     def _trainer(self, fl_ctx: FLContext) -> SiteTrainer:
@@ -91,6 +134,7 @@ class PFedSAMExecutor(Executor):
             site = fl_ctx.get_identity_name()
             data_dir = settings.get("data_dir")
             self.trainer = SiteTrainer(cfg, site, site_dir=data_dir, workdir=app_dir(fl_ctx) / "work")
+            self._keep_dir = state_dir(fl_ctx)
             self.cfg = cfg
             if self.trainer.skipped:
                 self.log_warning(fl_ctx, f"skipped {len(self.trainer.skipped)} bad file(s): "
@@ -107,7 +151,7 @@ class PFedSAMExecutor(Executor):
         if writer is None:
             return
         for tag, value in scalars.items():
-            if isinstance(value, (int, float)) and np.isfinite(value):
+            if tag in TB_TAGS and isinstance(value, (int, float)) and np.isfinite(value):
                 writer.add_scalar(tag, float(value), global_step=step)
 
     # -- tasks -------------------------------------------------------------------------------------------
@@ -122,32 +166,55 @@ class PFedSAMExecutor(Executor):
             self.log_error(fl_ctx, f"{task_name} failed: {exc}\n{traceback.format_exc()}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
 
-    def _load_round_state(self, trainer: SiteTrainer, incoming: dict, fl_ctx: FLContext) -> None:
+    def _load_round_state(self, trainer: SiteTrainer, incoming: dict, fl_ctx: FLContext, rnd: int) -> None:
+        self._round = rnd
         folder = app_dir(fl_ctx)
         own = folder / OWN_GLOBAL_FILE
         if self.cfg.federation.mode == "local" and own.is_file():
             trainer.set_global_state(load_weights(own))  # local-only baseline: the server's average is ignored
         else:
-            trainer.set_global_state(incoming)
-        if trainer.load_local_state(folder / LOCAL_STATE_FILE):
-            self.log_info(fl_ctx, "resumed this site's L-MoE state")
+            trainer.set_global_state(check_incoming_global(incoming, trainer.global_names()))
+        # this job's own state; the copy under pfedsam_state/ is read only by a job resuming this one
+        if trainer.load_local_state(folder / LOCAL_STATE_FILE, before_round=rnd):
+            self.log_info(fl_ctx, f"resumed this site's L-MoE state (round {trainer.loaded_state_round})")
         elif self.cfg.federation.resume_from:  # first round of a resumed job: the old job's L-MoE
-            old = resumed_run_dir(fl_ctx, self.cfg.federation.resume_from) / folder.name / LOCAL_STATE_FILE
-            if not trainer.load_local_state(old):
-                raise FileNotFoundError(f"federation.resume_from: no saved L-MoE state {old} at this site")
-            self.log_info(fl_ctx, f"resumed this site's L-MoE state from {old}")
+            old_dir = resumed_run_dir(fl_ctx, self.cfg.federation.resume_from)
+            candidates = [old_dir / LOCAL_STATE_FILE, old_dir / folder.name / LOCAL_STATE_FILE]
+            if not any(trainer.load_local_state(c, before_round=rnd) for c in candidates):
+                raise FileNotFoundError(f"federation.resume_from: no saved L-MoE state at this site "
+                                        f"(looked for {candidates[0]} and {candidates[1]})")
+            self.log_info(fl_ctx, f"resumed this site's L-MoE state from {old_dir} "
+                                  f"(round {trainer.loaded_state_round})")
+        for note in getattr(trainer, "state_notes", []):
+            self.log_warning(fl_ctx, f"skipped a saved L-MoE state: {note}")
 
     def _personal(self, trainer: SiteTrainer, fl_ctx: FLContext) -> dict | None:
         """Ditto's personal copy of the global parameters from the last round; None otherwise or at first."""
         path = app_dir(fl_ctx) / PERSONAL_FILE
         return load_weights(path) if self.cfg.federation.mode == "ditto" and path.is_file() else None
 
-    @staticmethod
-    def _save_site_state(trainer: SiteTrainer, personal: dict | None, folder: Path) -> None:
-        """What stays at the site between tasks: the L-MoE and, for Ditto, the personal copy."""
-        trainer.save_local_state(folder / LOCAL_STATE_FILE)
+    def _save_site_state(self, trainer: SiteTrainer, personal: dict | None, folder: Path) -> None:
+        """What stays at the site between tasks: the L-MoE and, for Ditto, the personal copy.
+
+        Saved with the round it completed, the previous version kept as a backup, and a copy in
+        the site's resume folder outside the job; a non-finite state is refused (the task fails,
+        the previous good state stays).
+        """
+        rnd = getattr(self, "_round", None)
+        trainer.save_local_state(folder / LOCAL_STATE_FILE, rnd)
+        if self._keep_dir is not None:
+            trainer.save_local_state(self._keep_dir / LOCAL_STATE_FILE, rnd)
         if personal is not None:
-            save_weights(folder / PERSONAL_FILE, personal)
+            save_weights(folder / PERSONAL_FILE, personal, backup=True)
+
+    def _result_meta(self, trainer: SiteTrainer, steps: int, metrics: dict) -> dict:
+        """The DXO meta of a train result: FedAvg weights and the allow-listed metrics only."""
+        return {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: int(steps),
+            NUM_EXAMPLES_KEY: int(trainer.num_train_images),
+            MetaKey.INITIAL_METRICS: {"val_dice_personalized": float(metrics["val_dice_personalized"])},
+            METRICS_KEY: allowed_metrics(metrics),
+        }
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
@@ -155,7 +222,7 @@ class PFedSAMExecutor(Executor):
         site = fl_ctx.get_identity_name()
         rnd = int(shareable.get_header(AppConstants.CURRENT_ROUND, 0))
         dxo = from_shareable(shareable)
-        self._load_round_state(trainer, dxo.data, fl_ctx)
+        self._load_round_state(trainer, dxo.data, fl_ctx, rnd)
         result = run_round(trainer, rnd, self._personal(trainer, fl_ctx), abort=lambda: abort_signal.triggered)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -181,18 +248,15 @@ class PFedSAMExecutor(Executor):
         if cfg.federation.keep_round_states:  # audit trail, stays at the site
             save_weights(folder / "sent" / f"round_{rnd}.npz", weights)
             trainer.save_local_state(folder / "local_states" / f"round_{rnd}.pt")
-        out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta={
-            MetaKey.NUM_STEPS_CURRENT_ROUND: result.global_steps,
-            MetaKey.INITIAL_METRICS: {"val_dice_personalized": metrics["val_dice_personalized"]},
-            METRICS_KEY: {k: float(v) for k, v in metrics.items()},
-        })
+        meta = self._result_meta(trainer, result.global_steps, metrics)
+        out = DXO(data_kind=DataKind.WEIGHTS, data=weights, meta=meta)
         return out.to_shareable()
 
     def _final(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         trainer = self._trainer(fl_ctx)
         cfg = self.cfg
         site = fl_ctx.get_identity_name()
-        self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx)
+        self._load_round_state(trainer, from_shareable(shareable).data, fl_ctx, cfg.federation.rounds)
         final = run_final(trainer, self._personal(trainer, fl_ctx))
         self._save_site_state(trainer, final.personal, app_dir(fl_ctx))
         results: dict = {"global": final.val["global"], "personalized": final.val["personalized"],

@@ -10,14 +10,30 @@ job's YAML), never the executor, so a bug in training code cannot widen what is 
 from __future__ import annotations
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.dxo_filter import DXOFilter
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.filter import Filter
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 
-from .common import CONFIG_FILE, FP16_KEY, WIRE_BYTES_KEY, job_config, model_facts
+from .common import (
+    CONFIG_FILE,
+    FINAL_MODELS,
+    FINAL_NUMBERS,
+    FINAL_STATS,
+    FINAL_STATUS,
+    FP16_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    ROUND_METRICS,
+    TB_TAGS,
+    WIRE_BYTES_KEY,
+    job_config,
+    model_facts,
+)
 
 _ALL_KINDS = [getattr(DataKind, k) for k in dir(DataKind) if k.isupper()]
 
@@ -27,7 +43,8 @@ class LeakBlocked(RuntimeError):
 
 
 _ENVELOPE_KEYS = {ReservedHeaderKey.HEADERS, "DXO"}
-_SMALL = 64  # longest list / deepest dict tolerated in DXO meta
+_OUR_FILTERS = frozenset({"GlobalOnlyFilter", "MetricsOnlyFilter", "Fp16Quantizer", "Fp16Dequantizer",
+                          "GlobalKeyCheck"})
 
 
 def check_envelope(shareable: Shareable) -> None:
@@ -47,22 +64,53 @@ def check_envelope(shareable: Shareable) -> None:
         raise LeakBlocked("blocked a result carrying an array in its headers")
 
 
-def check_meta(meta: dict, where: str = "meta", depth: int = 0) -> None:
-    """DXO meta may hold scalars, short strings and small dicts/lists of them -- never arrays."""
-    if depth > 3:
-        raise LeakBlocked(f"blocked a result: {where} is nested too deeply")
-    for key, value in meta.items():
-        path = f"{where}.{key}"
-        if isinstance(value, dict):
-            check_meta(value, path, depth + 1)
-        elif isinstance(value, (list, tuple)):
-            if len(value) > _SMALL or not all(isinstance(v, (str, int, float, bool)) for v in value):
-                raise LeakBlocked(f"blocked a result: {path} is a long or non-scalar list")
-        elif isinstance(value, str):
-            if len(value) > 256:
-                raise LeakBlocked(f"blocked a result: {path} is a long string")
-        elif not (value is None or isinstance(value, (bool, int, float, np.integer, np.floating))):
-            raise LeakBlocked(f"blocked a result: {path} is a {type(value).__name__}, not a scalar")
+def _is_number(value: object, typ: type) -> bool:
+    if isinstance(value, bool):
+        return False
+    if typ is int:
+        return isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, (int, float, np.integer, np.floating))
+
+
+def check_allowed(values: object, schema: dict, where: str) -> None:
+    """``values`` must be a dict whose keys are all in ``schema`` and whose values match it.
+
+    A schema value is a type (``int``/``float``: one number), a nested schema (dict), a tuple of
+    allowed status words, or a frozenset of allowed strings (a list of them). Anything else --
+    an unknown key, a path-like key, a list of numbers, free text -- raises LeakBlocked.
+    """
+    if not isinstance(values, dict):
+        raise LeakBlocked(f"blocked a result: {where} is a {type(values).__name__}, not a mapping")
+    unknown = [k for k in values if not isinstance(k, str) or k not in schema]
+    if unknown:
+        shown = repr(unknown[0])[:60]
+        raise LeakBlocked(f"blocked a result: {where} carries {len(unknown)} name(s) outside the metric "
+                          f"allow-list, e.g. {shown}")
+    for key, value in values.items():
+        rule, path = schema[key], f"{where}.{key}"
+        if isinstance(rule, dict):
+            check_allowed(value, rule, path)
+        elif isinstance(rule, tuple):
+            if value not in rule:
+                raise LeakBlocked(f"blocked a result: {path} must be one of {rule}, got {str(value)[:40]!r}")
+        elif isinstance(rule, frozenset):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v in rule for v in value):
+                raise LeakBlocked(f"blocked a result: {path} holds names outside the allowed set")
+        elif not _is_number(value, rule):
+            raise LeakBlocked(f"blocked a result: {path} must be one {rule.__name__}, got a {type(value).__name__}")
+
+
+def train_meta_schema(global_names: frozenset[str]) -> dict:
+    """What the meta of a ``train`` result may hold (see ROUND_METRICS in common.py)."""
+    return {
+        MetaKey.NUM_STEPS_CURRENT_ROUND: int, NUM_EXAMPLES_KEY: int,
+        MetaKey.INITIAL_METRICS: {"val_dice_personalized": float},
+        METRICS_KEY: ROUND_METRICS, FP16_KEY: frozenset(global_names), MetaKey.FILTER_HISTORY: _OUR_FILTERS,
+    }
+
+
+FINAL_DATA_SCHEMA: dict = {**{m: FINAL_STATS for m in FINAL_MODELS}, **FINAL_STATUS, **FINAL_NUMBERS}
+FINAL_META_SCHEMA: dict = {MetaKey.FILTER_HISTORY: _OUR_FILTERS}
 
 
 class GlobalOnlyFilter(DXOFilter):
@@ -90,7 +138,7 @@ class GlobalOnlyFilter(DXOFilter):
         check_envelope(shareable)
         if dxo.data_kind != DataKind.WEIGHTS:  # checked here: DXOFilter would recurse into collections
             raise LeakBlocked(f"blocked a {dxo.data_kind} result: only global WEIGHTS may leave this site")
-        check_meta(dxo.meta)
+        check_allowed(dxo.meta, train_meta_schema(model_facts(fl_ctx, self.config_file).global_names), "meta")
         return super().process(shareable, fl_ctx)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
@@ -103,13 +151,12 @@ class GlobalOnlyFilter(DXOFilter):
 
 
 class MetricsOnlyFilter(DXOFilter):
-    """Client side, on the way out of the final task: numbers and status words only.
+    """Client side, on the way out of the final task: the allow-listed test metrics only.
 
-    The final evaluation reports test metrics; the model, its path and error details stay
-    at the site (they are in the site's log). Anything else blocks the result.
+    The final evaluation reports ``{global|personalized: {n, n_empty, dice, hd95}, export:
+    onnx|none|failed}`` (FINAL_* in common.py); the model, its path and error details stay at the
+    site (they are in the site's log). Any other name, type or word blocks the result.
     """
-
-    STATUS_WORDS = frozenset({"onnx", "none", "failed"})
 
     def __init__(self) -> None:
         super().__init__(supported_data_kinds=_ALL_KINDS, data_kinds_to_filter=_ALL_KINDS)
@@ -122,22 +169,45 @@ class MetricsOnlyFilter(DXOFilter):
         dxo = from_shareable(shareable)
         if dxo.data_kind != DataKind.METRICS:
             raise LeakBlocked(f"blocked a {dxo.data_kind} final result: only METRICS may leave this site")
-        check_meta(dxo.meta)
-        self._check(dxo.data, "data")
+        check_allowed(dxo.meta, FINAL_META_SCHEMA, "meta")
+        check_allowed(dxo.data, FINAL_DATA_SCHEMA, "data")
         return shareable
-
-    def _check(self, data: dict, where: str) -> None:
-        for key, value in data.items():
-            if isinstance(value, dict):
-                self._check(value, f"{where}.{key}")
-            elif isinstance(value, str):
-                if value not in self.STATUS_WORDS:
-                    raise LeakBlocked(f"blocked a final result: {where}.{key} is free text")
-            elif not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-                raise LeakBlocked(f"blocked a final result: {where}.{key} is a {type(value).__name__}")
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         return None
+
+
+class SitePolicyFilter(Filter):
+    """A site's own policy (``local/privacy.json``), applied to every job whatever its config says.
+
+    Site-scope result filters run on every task's result before the job's own filters. This one
+    dispatches on the task name: a ``train`` result must pass GlobalOnlyFilter, a ``final_eval``
+    result MetricsOnlyFilter; any other task's result is blocked (fails closed), and so is a job
+    without a pFedSAM YAML (the registry that names the global parameters cannot be read).
+
+    Arguments:
+      train_tasks (list): task names of federated rounds.
+      final_tasks (list): task names of the final evaluation.
+      config_file (str): the job's YAML in the app's config folder.
+    """
+
+    def __init__(self, train_tasks: list | None = None, final_tasks: list | None = None,
+                 config_file: str = CONFIG_FILE) -> None:
+        super().__init__()
+        self.train_tasks = set(train_tasks or ["train"])
+        self.final_tasks = set(final_tasks or ["final_eval"])
+        self.global_only = GlobalOnlyFilter(config_file)
+        self.metrics_only = MetricsOnlyFilter()
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        task = fl_ctx.get_prop(FLContextKey.TASK_NAME)
+        if task in self.train_tasks:
+            return self.global_only.process(shareable, fl_ctx)
+        if task in self.final_tasks:
+            return self.metrics_only.process(shareable, fl_ctx)
+        if shareable.get_return_code() != ReturnCode.OK:
+            return make_reply(shareable.get_return_code())
+        raise LeakBlocked(f"site policy: results of task '{task}' may not leave this site")
 
 
 class GlobalKeyCheck(DXOFilter):
@@ -221,3 +291,22 @@ class Fp16Dequantizer(DXOFilter):
         meta = {k: v for k, v in dxo.meta.items() if k != FP16_KEY}
         meta[WIRE_BYTES_KEY] = wire
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta)
+
+
+class AllowListTBReceiver(TBAnalyticsReceiver):
+    """Server TensorBoard receiver that writes only allow-listed scalar tags (TB_TAGS in common.py).
+
+    Analytics events reach the server outside task results (no result filter sees them); a site
+    streaming other tags, non-scalars or non-finite values gets them dropped and logged.
+    """
+
+    def _convert_to_records(self, analytic_data, fl_ctx: FLContext) -> list:
+        kept = []
+        for record in super()._convert_to_records(analytic_data, fl_ctx):
+            value = record.value
+            if record.tag in TB_TAGS and _is_number(value, float) and np.isfinite(float(value)):
+                kept.append(record)
+            else:
+                self.log_warning(fl_ctx, f"dropped a TensorBoard record outside the allow-list: "
+                                         f"{str(record.tag)[:60]!r}", fire_event=False)
+        return kept

@@ -55,9 +55,26 @@ class RunReport:
         entry = self._round(rnd)
         entry["sites"][site] = {
             "accepted": accepted, "reason": reason, "bytes_received": int(nbytes), "num_steps": num_steps,
-            "param_names": sorted(names), "metrics": metrics,
+            "param_names": sorted(names), "metrics": metrics, "weight": None,
         }
         entry["accepted" if accepted else "rejected"] += 1
+
+    def reject(self, rnd: int, site: str, reason: str) -> None:
+        """Turn a contribution accepted at arrival into a rejection (a round-level check refused it)."""
+        entry = self._round(rnd)
+        c = entry["sites"][site]
+        if c["accepted"]:
+            entry["accepted"] -= 1
+            entry["rejected"] += 1
+        c["accepted"], c["reason"], c["weight"] = False, reason, None
+
+    def set_weight(self, rnd: int, site: str, weight: int) -> None:
+        self._round(rnd)["sites"][site]["weight"] = weight
+
+    def add_missing(self, rnd: int, site: str, reason: str) -> None:
+        """A site that sent nothing this round: recorded with the reason, never silently dropped."""
+        entry = self._round(rnd)
+        entry.setdefault("missing", {})[site] = reason
 
     def end_round(self, rnd: int, global_changed: bool) -> None:
         entry = self._round(rnd)
@@ -87,6 +104,8 @@ class RunReport:
                 acc = "yes" if c["accepted"] else f"no: {c['reason']}"
                 lines.append(f"| {entry['round']} | {site} | {acc} | {_fmt(m.get('val_dice_personalized'))} | "
                              f"{_fmt(m.get('val_dice_global'))} | {c['bytes_received']:,} | {_fmt(c['num_steps'])} |")
+            for site, why in sorted(entry.get("missing", {}).items()):
+                lines.append(f"| {entry['round']} | {site} | missing: {why} | - | - | 0 | - |")
         if self.data["final"]:
             lines += ["", "## Final (test split)", "", "| site | personalized Dice | personalized HD95 | "
                       "global Dice | global HD95 | test images | export |", "|---|---|---|---|---|---|---|"]

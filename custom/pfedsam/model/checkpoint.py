@@ -21,9 +21,17 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "weights.pt"
 
 
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path`` (never torn)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def atomic_torch_save(obj: object, path: str | Path, backup: bool = False) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path`` (never torn).
+
+    ``backup`` keeps the previous file as ``<path>.bak``.
+    """
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), backup=backup)
+
+
+def non_finite(state: dict) -> list[str]:
+    """Names of the tensors / arrays in ``state`` holding NaN or Inf."""
+    return [k for k, v in state.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
 
 
 def save_site_model(
@@ -31,6 +39,9 @@ def save_site_model(
 ) -> Path:
     """Write ``config.yaml`` and ``weights.pt`` (global + local parameters and ``meta``)."""
     out = Path(out_dir)
+    bad = non_finite({**global_state(model), **local_state(model)})
+    if bad:
+        raise ValueError(f"refusing to save a model with NaN/Inf in {len(bad)} tensor(s), e.g. '{bad[0]}' ({out})")
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(dump_config(cfg))
     atomic_torch_save({"global": global_state(model), "local": local_state(model), "meta": dict(meta or {})},

@@ -27,9 +27,10 @@ from tqdm import tqdm
 from ..config import PFedSAMConfig, resolved_image_size
 from ..data.resolve import resolve_site_dir
 from ..data.sites import SiteDataset, load_split
+from ..fileio import backup_path
 from ..model import ParamKind, build_pfedsam, global_state, load_global_state, load_local_state, local_state
 from ..model.backbones import backbone_fingerprint
-from ..model.checkpoint import atomic_torch_save, save_site_model
+from ..model.checkpoint import atomic_torch_save, non_finite, save_site_model
 from .cache import FeatureCache
 from .losses import distillation_loss, proximal_term, segmentation_loss
 from .metrics import image_metrics, summarize
@@ -164,18 +165,54 @@ class SiteTrainer:
     def set_local_state(self, state: dict) -> None:
         load_local_state(self.model, {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()})
 
-    def save_local_state(self, path: str | Path) -> None:
-        """Write this site's L-MoE state atomically (never sent anywhere)."""
-        atomic_torch_save({"site": self.site_name, "local": local_state(self.model)}, path)
+    def save_local_state(self, path: str | Path, rnd: int | None = None) -> None:
+        """Write this site's L-MoE state atomically, the previous one kept as ``<path>.bak``.
 
-    def load_local_state(self, path: str | Path) -> bool:
-        """Load a saved L-MoE state; False when the file does not exist yet."""
+        Arguments:
+          path: the state file (never sent anywhere).
+          rnd: the round this state completed (recorded so a resumed run never trains a round twice).
+        A state with NaN/Inf is refused (ValueError) and the previous good file stays in place.
+        """
+        state = local_state(self.model)
+        bad = non_finite(state)
+        if bad:
+            raise ValueError(f"refusing to save a non-finite L-MoE state ({len(bad)} tensor(s), e.g. '{bad[0]}'); "
+                             f"the previous state in {path} is kept")
+        atomic_torch_save({"site": self.site_name, "local": state, "round": rnd}, path, backup=True)
+
+    def load_local_state(self, path: str | Path, before_round: int | None = None) -> bool:
+        """Load the newest usable saved L-MoE state; False when none was ever saved at ``path``.
+
+        Arguments:
+          path: the state file; its backup ``<path>.bak`` is the fallback.
+          before_round: only a state that completed an earlier round is usable (a state of round
+            ``before_round`` or later was trained already and is skipped, so no round runs twice).
+        A file that cannot be read or holds NaN/Inf is skipped (with the reason in ``state_notes``);
+        when files exist but none is usable, ValueError names them.
+        """
         path = Path(path)
-        if not path.is_file():
-            return False
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        load_local_state(self.model, saved["local"], source=str(path))
-        return True
+        self.state_notes: list[str] = []
+        candidates = [p for p in (path, backup_path(path)) if p.is_file()]
+        for candidate in candidates:
+            try:
+                saved = torch.load(candidate, map_location="cpu", weights_only=True)
+                state, rnd = saved["local"], saved.get("round")
+            except Exception as exc:
+                self.state_notes.append(f"{candidate}: unreadable ({exc})")
+                continue
+            if before_round is not None and rnd is not None and rnd >= before_round:
+                self.state_notes.append(f"{candidate}: holds round {rnd}, already trained "
+                                        f"(round {before_round} runs now)")
+                continue
+            if non_finite(state):
+                self.state_notes.append(f"{candidate}: holds NaN/Inf")
+                continue
+            load_local_state(self.model, state, source=str(candidate))
+            self.loaded_state_round = rnd
+            return True
+        if candidates:
+            raise ValueError(f"no usable L-MoE state for this site: {'; '.join(self.state_notes)}")
+        return False
 
     def save_model(self, out_dir: str | Path, meta: dict | None = None) -> Path:
         """Save the personalized model (config + global + local state) as a site model folder."""
