@@ -57,7 +57,9 @@ def _check_json_matches_yaml(job: Path) -> None:
     assert sag["start_round"] == fed.start_round and sag["num_rounds"] == fed.rounds - fed.start_round
     assert sag["min_clients"] == fed.min_clients == final["min_responses_required"]
     assert sag["wait_time_after_min_received"] == fed.wait_after_min_s == final["wait_time_after_min_received"]
-    assert sag["train_timeout"] == fed.task_timeout_s == final["timeout"]
+    t = cfg.train  # task_timeout_s 0 = automatic: 900 s + 30 s per optimizer step of a round and the final phase
+    timeout = fed.task_timeout_s or 900 + 30 * (t.local_steps + t.global_steps + t.final_steps)
+    assert sag["train_timeout"] == timeout == final["timeout"] > 0
     assert sag["train_task_name"] == view["executor"]["train_task"] == TRAIN_TASK
     assert final["task_name"] == view["executor"]["final_task"] == FINAL_TASK
     assert view["executor_tasks"] == [TRAIN_TASK, FINAL_TASK]
