@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pfedsam.config import load_config
 from pfedsam.data.synth import write_synthetic_sites
 from pfedsam.train import SiteTrainer
+from pfedsam.train.site import Stream
 
 
 def measure(cfg_overrides: list[str], site_dir: Path, steps: int, workdir: Path) -> dict:
@@ -107,12 +108,17 @@ def compare(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
         "plain": SiteTrainer(load_config(overrides=base + PLAIN), "site-1", site_dir=site_dir, workdir=tmp / "plain"),
         "fast": SiteTrainer(load_config(overrides=base), "site-1", site_dir=site_dir, workdir=tmp / "fast"),
     }
+    if args.dice_noise:  # the plain path with another seed: how much Dice moves with the seed alone
+        cfg = load_config(overrides=base + PLAIN + [f"train.seed={load_config(overrides=base).train.seed + 1}"])
+        trainers["plain_next_seed"] = SiteTrainer(cfg, "site-1", site_dir=site_dir, workdir=tmp / "seed")
     out: dict = {name: {"fill_s_per_image": [], "local_s_per_step": [], "global_s_per_step": []}
                  for name in trainers}
     split = trainers["plain"]._split("train")
     n_fill = min(args.fill_images, len(split))
     images = torch.stack([split.dataset.plain_sample(i)["image"] for i in range(n_fill)])
     for name, tr in trainers.items():  # one-off costs (ONNX export + session, first allocations)
+        if name not in ("plain", "fast"):
+            continue
         start = time.perf_counter()
         tr.encode_images(images[:1])
         out[name]["fill_first_call_s"] = time.perf_counter() - start
@@ -134,9 +140,14 @@ def compare(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
             out[name][f"{phase}_gflop_per_step"] = counter.get_total_flops() / 1e9
     for r in range(args.repeats):
         for phase, method in phases.items():
-            for name in orders[r % 2]:
-                res = getattr(trainers[name], method)(args.steps)
+            for name in orders[r % 2] + tuple(n for n in trainers if n not in ("plain", "fast")):
+                # each repeat reads on in the phase's stream, as consecutive rounds do
+                stream = Stream(phase, round=r + 1, start=(2 + r * args.steps) * args.batch_size)
+                res = getattr(trainers[name], method)(args.steps, stream=stream)
                 out[name][f"{phase}_s_per_step"].append(res["seconds"] / res["steps"])
+    # Numerics: the same seed, the same batches and steps, each path's validation Dice.
+    for name, tr in trainers.items():
+        out[name]["val_dice"] = {w: tr.evaluate("val", w)["dice"] for w in ("personalized", "global")}
     speed = {}
     pairs = (("local", "local_s_per_step"), ("global", "global_s_per_step"), ("cache_fill", "fill_s_per_image"))
     for key, per in pairs:
@@ -144,6 +155,7 @@ def compare(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
         speed[f"{key}_speedup"] = statistics.median(ratios)
         speed[f"{key}_speedup_range"] = [min(ratios), max(ratios)]
     speed["mean_phase_speedup"] = (speed["local_speedup"] + speed["global_speedup"]) / 2
+    speed["val_dice"] = {name: r["val_dice"] for name, r in out.items()}
     return {"paths": out, "speedups": speed}
 
 
@@ -158,6 +170,8 @@ def print_compare(result: dict) -> None:
           "| % of theoretical peak | cache fill s/image |")
     print("|---|---|---|---|---|---|---|")
     for name, r in result["paths"].items():
+        if name not in ("plain", "fast"):
+            continue
         loc, glo = statistics.median(r["local_s_per_step"]), statistics.median(r["global_s_per_step"])
         gl = r["local_gflop_per_step"] / loc
         gg = r["global_gflop_per_step"] / glo
@@ -172,6 +186,10 @@ def print_compare(result: dict) -> None:
           f"{s['global_speedup']:.2f}x ({s['global_speedup_range'][0]:.2f}-{s['global_speedup_range'][1]:.2f}), "
           f"cache fill {s['cache_fill_speedup']:.2f}x ({s['cache_fill_speedup_range'][0]:.2f}-"
           f"{s['cache_fill_speedup_range'][1]:.2f})")
+    steps = 2 + result["steps"] * result["repeats"]
+    print(f"\nvalidation Dice after {steps} local + {steps} global steps on the same batches (personalized / global):")
+    for name, d in s["val_dice"].items():
+        print(f"  {name}: {d['personalized']:.4f} / {d['global']:.4f}")
 
 
 def main() -> None:
@@ -187,6 +205,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="--compare: interleaved repeats")
     parser.add_argument("--fill-images", type=int, default=4, help="--compare: images per cache-fill timing")
     parser.add_argument("--data", type=Path, default=None, help="a site folder (default: one synthetic site)")
+    parser.add_argument("--dice-noise", action="store_true",
+                        help="--compare: also train the plain path with seed+1 (Dice spread from the seed alone)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
