@@ -16,3 +16,17 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repository)")
     return SHARED_DATA
+
+
+# --- training layer: the per-user feature cache goes to a temp folder, never the developer's home ---
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_dir(tmp_path_factory):
+    import os
+
+    old = os.environ.get("PFEDSAM_CACHE_DIR")
+    os.environ["PFEDSAM_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PFEDSAM_CACHE_DIR", None)
+    else:
+        os.environ["PFEDSAM_CACHE_DIR"] = old

@@ -85,10 +85,27 @@ class TrainConfig:
       ditto_lambda (float): Ditto's lambda: pull of a site's personal copy of the global
         parameters toward G(t) (used only with ``federation.mode: ditto``).
       grad_clip (float): clip the gradient norm to this value (0 = no clipping).
-      cache (str): ``memory``, ``disk`` or ``none``: cache the frozen encoder prefix per image.
-      cache_dir (str|None): folder of the disk cache (default: ``<workdir>/feature_cache``).
+      cache (str): ``disk``, ``memory`` or ``none``: cache the frozen encoder prefix per image
+        (``disk`` also keeps it in memory; ``none`` = full encoder pass every step).
+      cache_dir (str|None): folder of the disk cache; null = one per-user folder shared by
+        every job, workspace and benchmark (``$PFEDSAM_CACHE_DIR`` or
+        ``~/.cache/pfedsam/features``). Entries are keyed by image content and backbone, so
+        sharing never serves stale features. The location is logged at start.
+      cache_dtype (str): ``float16`` (half the memory and disk) or ``float32``: how cached
+        features are stored; training always computes in float32 (or bf16 with ``amp``).
+      cache_max_gb (float): size bound of the disk cache folder; least recently used files are
+        evicted above it after a fill (0 = no bound).
+      encoder_runtime (str): what runs the frozen encoder when the cache is filled: ``auto``
+        (ONNX Runtime on a CPU when the package is installed, else PyTorch), ``onnxruntime`` or
+        ``torch``. The ONNX file is exported once per backbone into the cache folder.
       device (str): ``auto``, ``cpu`` or ``cuda[:N]``.
-      amp (bool): bf16 autocast on CUDA (ignored on CPU).
+      amp (bool): bf16 autocast in training, evaluation and the cache fill, on CUDA and on CPUs
+        with native bf16 (AVX512-BF16 or AMX); on other CPUs the run stays float32 and logs
+        why. false = float32 everywhere.
+      fast_decoder (bool): run the mask decoder's upscaling (two 2x2 transposed convolutions,
+        LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout:
+        the same parameters and arithmetic, about half the step time on a CPU; false = the
+        segment_anything convolution path.
       num_threads (int): torch CPU threads (0 = torch default).
       seed (int): seeds model init, sampling and augmentation.
     """
@@ -107,10 +124,14 @@ class TrainConfig:
     prox_mu: float = 0.0
     ditto_lambda: float = 0.1
     grad_clip: float = 1.0
-    cache: str = "memory"
+    cache: str = "disk"
     cache_dir: str | None = None
+    cache_dtype: str = "float16"
+    cache_max_gb: float = 20.0
+    encoder_runtime: str = "auto"
     device: str = "auto"
     amp: bool = True
+    fast_decoder: bool = True
     num_threads: int = 0
     seed: int = 0
 
@@ -210,12 +231,16 @@ class EvalConfig:
     Arguments:
       threshold (float): probability threshold of the binary mask.
       hd95 (bool): compute HD95 (slower) in addition to Dice.
+      hd95_val (bool): compute HD95 also on the validation split, i.e. in every round's
+        evaluation; false (default) = HD95 only in the test-split (final) evaluation, which
+        keeps rounds cheaper. The reports show ``nan`` for the validation HD95 then.
       empty_dice (str): how an image whose truth and prediction are both empty is scored:
         ``one`` (Dice 1, HD95 0) or ``skip`` (left out of the mean).
     """
 
     threshold: float = 0.5
     hd95: bool = True
+    hd95_val: bool = False
     empty_dice: str = "one"
 
 
@@ -256,6 +281,8 @@ _CHOICES = {
     "lmoe.placement": ("neck", "blocks"),
     "train.schedule": ("decoupled", "joint"),
     "train.cache": ("memory", "disk", "none"),
+    "train.cache_dtype": ("float16", "float32"),
+    "train.encoder_runtime": ("auto", "torch", "onnxruntime"),
     "data.mask_convention": ("nonzero", "zero", "below_max"),
     "data.on_bad_file": ("error", "skip"),
     "federation.mode": ("pfedsam", "fedavg", "ditto", "local"),
@@ -269,8 +296,8 @@ _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
     "train.global_steps", "train.final_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
     "train.ditto_lambda",
-    "train.weight_decay", "train.num_threads", "train.grad_clip", "data.max_train", "data.max_eval",
-    "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
+    "train.weight_decay", "train.num_threads", "train.grad_clip", "train.cache_max_gb", "data.max_train",
+    "data.max_eval", "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
     "federation.max_update_ratio",
 )
 _POSITIVE = (

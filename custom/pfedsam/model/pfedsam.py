@@ -56,6 +56,45 @@ def _block_dim(block: nn.Module) -> int:
     return block.attn.qkv.in_features
 
 
+def _pixelwise_upscaling(up: nn.Module) -> bool:
+    """True for SAM's upscaling (2x2/stride-2 transposed conv, LayerNorm2d, act, same conv, act)."""
+    if not isinstance(up, nn.Sequential) or len(up) != 5:
+        return False
+    convs = (up[0], up[3])
+    return all(
+        isinstance(m, nn.ConvTranspose2d) and m.kernel_size == m.stride == (2, 2) and m.padding == (0, 0)
+        and m.output_padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1 and m.bias is not None
+        for m in convs
+    ) and type(up[1]).__name__ == "LayerNorm2d"
+
+
+def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SAM's upscaling + hypernetwork product, computed per pixel in channels-last layout.
+
+    A 2x2 transposed convolution with stride 2 sends every input pixel to its own 2x2 output
+    patch: it is one matmul per pixel. LayerNorm2d and the activations act per pixel too, so
+    the two upscaling stages run on ``(B, h*w, 2, 2, C)`` tokens without any layout copy, and
+    the sub-pixels are put in place only on the final one-channel logits. Same parameters and
+    the same arithmetic as ``decode``'s convolution path (summation order aside).
+
+    Arguments:
+      up: ``mask_decoder.output_upscaling``.
+      tokens: the transformer's image tokens ``(B, h*w, C)``.
+      hyper: the mask token's hypernetwork output ``(B, C // 8)``.
+    """
+    ct1, ln, act1, ct2, act2 = up
+    b, n, c = tokens.shape
+    c1, c2 = ct1.out_channels, ct2.out_channels
+    w1 = ct1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # (in, ky, kx, out)
+    x = (tokens @ w1).view(b, n, 4, c1) + ct1.bias
+    x = act1(F.layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
+    w2 = ct2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    x = act2((x @ w2).view(b, n, 4, 4, c2) + ct2.bias)
+    logits = (x @ hyper.view(b, 1, 1, c2, 1)).view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
+    # output row 4y + 2 ky1 + ky2, column 4x + 2 kx1 + kx2
+    return logits.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 1, 4 * h, 4 * w)
+
+
 class PFedSAM(nn.Module):
     """Personalized SAM: frozen backbone + global LoRA/decoder + local L-MoE.
 
@@ -72,6 +111,7 @@ class PFedSAM(nn.Module):
         self.image_size = resolved_image_size(cfg)
         self.prompt = cfg.prompt
         self.use_experts = True
+        self.fast_upscale = cfg.train.fast_decoder
         rules: list[tuple[str, ParamKind]] = [("", ParamKind.FROZEN)]
         units, neck = _encoder_units(self.image_encoder)
         self._units: list[Unit] = [*units, ("neck", neck, None)]
@@ -198,10 +238,14 @@ class PFedSAM(nn.Module):
         pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
         _, c, h, w = src.shape
         hs, src = dec.transformer(src, pos, tokens)
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # single-mask output token
-        _, c2, h2, w2 = upscaled.shape
-        logits = (hyper.unsqueeze(1) @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, 1, h2, w2)
+        if self.fast_upscale and _pixelwise_upscaling(dec.output_upscaling):
+            logits = _upscaled_logits(dec.output_upscaling, src, hyper, h, w)
+        else:
+            upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            _, c2, h2, w2 = upscaled.shape
+            logits = (hyper.unsqueeze(1) @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, 1, h2, w2)
+        h2 = logits.shape[-2]
         if h2 != self.image_size:
             logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)

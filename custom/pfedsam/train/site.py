@@ -31,7 +31,8 @@ from ..fileio import backup_path
 from ..model import ParamKind, build_pfedsam, global_state, load_global_state, load_local_state, local_state
 from ..model.backbones import backbone_fingerprint
 from ..model.checkpoint import atomic_torch_save, non_finite, save_site_model
-from .cache import FeatureCache
+from .cache import FeatureCache, default_cache_dir
+from .encoder_runtime import OnnxPrefixEncoder, bf16_autocast, onnx_path, resolve_runtime
 from .losses import distillation_loss, proximal_term, segmentation_loss
 from .metrics import image_metrics, summarize
 
@@ -121,14 +122,26 @@ class SiteTrainer:
         self.device = select_device(cfg.train.device)
         self.model = build_pfedsam(cfg).to(self.device)
         self.registry = self.model.registry
-        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.amp, why = bf16_autocast(cfg.train.amp, self.device)
+        if why:
+            log.info(why)
         self._seg = segmentation_loss()
         self._open_stream(Stream("default"))
 
         size = resolved_image_size(cfg)
         fingerprint = f"{backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)}-prefix{self.model.prefix_units}"
-        cache_dir = cfg.train.cache_dir or (self.workdir / "feature_cache")
-        self.cache = FeatureCache(cfg.train.cache, fingerprint, cache_dir if cfg.train.cache == "disk" else None)
+        cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else default_cache_dir()
+        self.cache = FeatureCache(cfg.train.cache, fingerprint, cache_dir if cfg.train.cache == "disk" else None,
+                                  dtype=cfg.train.cache_dtype, max_bytes=int(cfg.train.cache_max_gb * 1e9))
+        if self.cache.mode == "disk":
+            log.info(f"{site_name}: feature cache {cache_dir} ({cfg.train.cache_dtype}, bound "
+                     f"{cfg.train.cache_max_gb:g} GB; train.cache_dir to move it)")
+        self.encoder_runtime, why = resolve_runtime(cfg.train.encoder_runtime, cfg.backbone, self.device)
+        if why:
+            log.info(why)
+        self._onnx_dir = cache_dir if self.cache.mode == "disk" else self.workdir
+        self._fingerprint = fingerprint
+        self._onnx: OnnxPrefixEncoder | None = None
 
         split = load_split(self.site_dir, seed=cfg.train.seed, fractions=tuple(cfg.data.split_fractions))
         self.datasets: dict[str, SiteDataset] = {}
@@ -232,25 +245,58 @@ class SiteTrainer:
         def load(pos: list[int]) -> torch.Tensor:
             return torch.stack([split.dataset.plain_sample(idx[p])["image"] for p in pos])
 
-        def encode(images: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                return self.model.encode_prefix(images.to(self.device)).float()
-
         keys = [split.keys[i] for i in idx]
         if not self.cache.enabled:
-            return encode(load(list(range(len(idx)))))
-        return self.cache.features(keys, load, encode, self.cfg.train.batch_size)
+            return self.encode_images(load(list(range(len(idx)))))
+        return self.cache.features(keys, load, self.encode_images, self.cfg.train.batch_size)
 
-    def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test")) -> None:
-        """Compute and store the prefix features of every image in ``splits`` once."""
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen prefix features of preprocessed images, by ``train.encoder_runtime`` (the cache fill)."""
+        if self.encoder_runtime == "onnxruntime":
+            if self._onnx is None:
+                self._onnx = OnnxPrefixEncoder(self.model, onnx_path(self._onnx_dir, self._fingerprint),
+                                               self.model.image_size)
+            return self._onnx(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return self.model.encode_prefix(images.to(self.device)).float()
+
+    def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test"), every_s: float = 10.0) -> dict:
+        """Compute and store the prefix features of every image in ``splits`` once.
+
+        Arguments:
+          splits: the splits to fill.
+          every_s: seconds between progress lines (images done, images/s, time left) in the log.
+        Returns ``{"images", "computed", "seconds"}``.
+        """
         if not self.cache.enabled:
-            return
-        for name in splits:
+            return {"images": 0, "computed": 0, "seconds": 0.0}
+        start = time.perf_counter()
+        todo = [(name, i) for name in splits for i, k in enumerate(self._split(name).keys)
+                if not self.cache.contains(k)]
+        total = sum(len(self._split(name)) for name in splits)
+        if todo:
+            log.info(f"{self.site_name}: filling the feature cache: {len(todo)} of {total} images to encode "
+                     f"({self.encoder_runtime})")
+        bs = self.cfg.train.batch_size
+        last = fill_start = time.perf_counter()
+        for n in range(0, len(todo), bs):
+            chunk = todo[n : n + bs]
+            for name in dict.fromkeys(name for name, _ in chunk):
+                self._prefix(self._split(name), [i for nm, i in chunk if nm == name])
+            done = n + len(chunk)
+            now = time.perf_counter()
+            if now - last >= every_s or done == len(todo):
+                rate = done / max(now - fill_start, 1e-9)
+                log.info(f"{self.site_name}: cache fill {done}/{len(todo)} images, {rate:.2f} images/s, "
+                         f"about {(len(todo) - done) / rate:.0f} s left")
+                last = now
+        for name in splits:  # load the ones already on disk into memory
             split = self._split(name)
-            bs = self.cfg.train.batch_size
-            for start in tqdm(range(0, len(split), bs), desc=f"{self.site_name} cache {name}",
-                              disable=None, leave=False):
-                self._prefix(split, list(range(start, min(start + bs, len(split)))))
+            for begin in range(0, len(split), bs):
+                self._prefix(split, list(range(begin, min(begin + bs, len(split)))))
+        self.cache.prune(keep={k for name in splits for k in self._split(name).keys})
+        return {"images": total, "computed": len(todo), "seconds": time.perf_counter() - start}
 
     def _open_stream(self, stream: Stream) -> None:
         """Position the batch order and seed the augmentation for one phase of one round."""
@@ -467,17 +513,21 @@ class SiteTrainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", which: str = "personalized") -> dict[str, float]:
-        """Mean Dice / HD95 of the personalized (experts on) or global (experts off) model."""
+        """Mean Dice / HD95 of the personalized (experts on) or global (experts off) model.
+
+        HD95 on the validation split only with ``eval.hd95_val`` (it is the per-round evaluation).
+        """
         if which not in ("personalized", "global"):
             raise ValueError(f"which must be 'personalized' or 'global', got {which!r}")
         s = self._split(split)
         self.model.eval()
         rows = []
         bs = self.cfg.train.batch_size
+        hd95 = self.cfg.eval.hd95 and (split != "val" or self.cfg.eval.hd95_val)
         for start in range(0, len(s), bs):
             idx = list(range(start, min(start + bs, len(s))))
             probs = torch.sigmoid(self.predict_logits(split, idx, which)).cpu()
             for j, i in enumerate(idx):
                 pred = probs[j, 0] > self.cfg.eval.threshold
-                rows.append(image_metrics(pred, s.masks[i, 0], tuple(s.valid[i].tolist()), self.cfg.eval.hd95))
+                rows.append(image_metrics(pred, s.masks[i, 0], tuple(s.valid[i].tolist()), hd95))
         return summarize(rows, self.cfg.eval.empty_dice)
