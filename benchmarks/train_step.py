@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from latency import cpu_name  # a sibling script: benchmarks/ is on sys.path when run
 from torch.utils.flop_counter import FlopCounterMode
 
 from pfedsam.config import load_config
@@ -58,16 +59,6 @@ def measure(cfg_overrides: list[str], site_dir: Path, steps: int, workdir: Path)
 # Every speed lever off: float32, segment_anything's decoder convolutions, float32 cache,
 # the cache fill in PyTorch.
 PLAIN = ["train.amp=false", "train.fast_decoder=false", "train.cache_dtype=float32", "train.encoder_runtime=torch"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_gflops(threads: int) -> dict:
