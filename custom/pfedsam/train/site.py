@@ -126,7 +126,6 @@ class SiteTrainer:
         if why:
             log.info(why)
         self._seg = segmentation_loss()
-        self._open_stream(Stream("default"))
 
         size = resolved_image_size(cfg)
         fingerprint = f"{backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)}-prefix{self.model.prefix_units}"
@@ -158,6 +157,7 @@ class SiteTrainer:
             )
         self.skipped = [b for d in self.datasets.values() for b in d.skipped]
         self._splits: dict[str, _Split] = {}
+        self._open_stream(Stream("default"))  # batches drawn outside a phase (benchmarks) read this stream
 
     # -- parameters --------------------------------------------------------------------------------------
     def global_names(self) -> list[str]:
@@ -305,8 +305,7 @@ class SiteTrainer:
         self._epoch: tuple[int, list[int]] = (-1, [])
         self._rng = random.Random(seed)  # feature-space flips
         self._gen = torch.Generator().manual_seed(seed)  # box jitter
-        if "train" in getattr(self, "datasets", {}):
-            self.datasets["train"].reseed(seed % 2**32)  # image-space augmentation (no cache)
+        self.datasets["train"].reseed(seed % 2**32)  # image-space augmentation (no cache)
 
     def _next_indices(self, n: int, total: int) -> list[int]:
         """The next ``n`` training indices of the open stream (epochs of seeded permutations)."""
