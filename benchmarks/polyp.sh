@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Reproduces results/polyp/results.json, results.md and the plots (docs/results.md quotes them).
-# CPU budget (2 cores): 6 centres x 24 training / 16 val / 16 test images, 3 rounds of
-# 6 local + 10 global steps, batch 4, LiteMedSAM, one shared disk cache of encoder features.
-# Each call adds rows; rows already in results.json are kept (add --force to rerun them).
+# Budget (run.py's defaults): six centres of ../shared/data/polyp with their split.json, 100 training
+# images per centre, every validation and test image; 12 rounds of 8 local + 16 global steps and 16
+# final steps (304 steps, 1216 images per site for every method), batch 4, LiteMedSAM, prompt-free.
+# On the 2-core CPU one run takes about half an hour: the whole script is tens of hours. Every run
+# is saved as it finishes and never rerun, so the script can be stopped and started again at will.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/polyp}
 OUT=${OUT:-results/polyp}
 run() { python benchmarks/run.py --data-root "$DATA" --out "$OUT" "$@"; }
-run                                                     # main table: every method, prompt-free, seed 0
-run --methods '' --unseen cvc-clinicdb,kvasir-seg,polypgen-c1   # leave-one-centre-out, pFedSAM
-run --prompt box --methods pfedsam,fedavg,local         # box-prompt table
-run --seeds 1,2 --methods pfedsam,local,fedavg          # extra seeds: pFedSAM and the two main baselines
+# 1. the tuning search of the main rows (seed 0): lr x {0.3, 1, 3}, then each method's own knob
+run --search --methods pfedsam,fedavg,local-plain,local,ditto,fedprox
+# 2. the main rows with their chosen settings, three seeds (seed 0 is the search run itself)
+run --seeds 0,1,2 --methods pfedsam,fedavg,local-plain,local,ditto,centralized
+# 3. the other rows, one seed: the reference, FedAvg + fine-tune, FedRep, the ablations
+run --methods zero-shot,fedprox,fedavg-ft,fedrep,pfedsam-nokd,pfedsam-nolmoe,pfedsam-joint
+# 4. every centre left out once: pFedSAM and FedAvg on the other five, adapted at the left-out one
+run --methods '' --unseen all

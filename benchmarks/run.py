@@ -1,23 +1,34 @@
-"""Benchmark: pFedSAM against baselines on the same sites, splits, backbone, budget and seed.
+"""Benchmark: pFedSAM against baselines on the same sites, splits, backbone, step budget and seeds.
 
-Every federated method is a job variant (``pfedsam job list``) run through the FLARE
-simulator with one client per site (named after the site folder). Two rows need no
-federation: ``zero-shot`` (the pretrained backbone with ground-truth box prompts, a
-reference) and ``centralized`` (one model trained on the pooled training images of all
-sites with the same total number of global steps, a ceiling). All rows share one disk cache
-of the frozen encoder's features, keyed by image content, backbone and preprocessing.
+Every federated row is a job variant (``pfedsam job list``) run by ``engine.federate``: the
+job's own round, final personalization and aggregation rules, all sites in one process (see
+``benchmarks/engine.py`` and its test against the FLARE simulator). Each centre is scored on
+its whole test split at every image's original resolution: Dice, HD95, Dice over the frames
+that contain a polyp, and the share of empty frames where something was predicted.
 
-    python benchmarks/run.py --data-root ../shared/data/polyp --out results/polyp
+    python benchmarks/run.py --search --methods pfedsam,fedavg,fedprox,ditto,local-plain,local
+    python benchmarks/run.py --seeds 0,1,2 --methods pfedsam,fedavg,local-plain,local,ditto,centralized
+    python benchmarks/run.py --methods zero-shot,fedavg-ft,fedrep,fedprox,pfedsam-nokd,pfedsam-nolmoe,pfedsam-joint
+    python benchmarks/run.py --methods '' --unseen all
+    python benchmarks/run.py --report-only
 
-Rows accumulate in ``--out/results.json`` keyed by (method, prompt, seed): a row already
-there with the same budget is not run again (``--force`` reruns it), so the main table, the
-extra seeds, the box-prompt table and the unseen-site experiment can be separate calls
-(``benchmarks/polyp.sh`` makes all of them). Every call rewrites ``results.md`` and the plots.
+(``benchmarks/polyp.sh`` makes all of these calls.) Every run is stored in
+``--out/results.json`` under ``method|prompt|seed|setting`` as soon as it finishes, and is
+not run again (``--force`` reruns), so a long benchmark resumes run by run across sessions.
 
-Unseen sites (``--unseen a,b,c``): for each listed centre, pFedSAM is trained on all other
-centres; the left-out centre is then scored with the global model, after a short local
-adaptation of a fresh L-MoE (distilled from that global model), and, for comparison, after
-fine-tuning the global parameters themselves for the same number of steps.
+Fair tuning (``--search``): each main method is run at seed 0 with the learning rates of what
+it trains scaled by 0.3, 1 and 3, then its own knob (KD weight, FedProx mu, Ditto lambda) at
+two more values with the best scale; the setting with the best mean validation Dice (after
+the final personalization, mean over centres) is the method's setting. Rows of other
+methods reuse a reference method's setting (ablations: pFedSAM's; FedAvg+FT, FedRep and
+centralized: FedAvg's). A row whose method has no finished search runs the default setting
+and is labelled "untuned".
+
+Unseen centres (``--unseen``): for each left-out centre, pFedSAM and FedAvg are trained on the
+other centres; the left-out centre is scored with both global models, after a fresh L-MoE
+is adapted on pFedSAM's global model, and after FedAvg's global model is fine-tuned there:
+both adaptations get the steps a participating site's personal part trains in the whole run,
+each with the learning rate (of three) best on the centre's validation split.
 """
 
 from __future__ import annotations
@@ -26,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,117 +45,170 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pfedsam.config import load_config
-from pfedsam.data import discover_sites, load_split
-from pfedsam.jobs import make_variant, variant_config
-from pfedsam.model import ParamKind, build_pfedsam
-from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import federate  # noqa: E402
+from stats import mean_std, paired_difference, verdict  # noqa: E402
+
+from pfedsam.config import load_config  # noqa: E402
+from pfedsam.data import discover_sites, load_split  # noqa: E402
+from pfedsam.jobs import variant_config  # noqa: E402
+from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
+from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its jobs/ and results/ (the code is the installed package)
-
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
-FEDERATED = ["pfedsam", "fedavg", "local", "ditto", "fedavg-ft", "fedprox", "pfedsam-nokd", "pfedsam-nolmoe",
-             "pfedsam-joint"]
+BASE = load_config(MAIN_JOB / "app" / "config" / "pfedsam.yaml")
+
+# Rows in table order. "local-plain": each site trains its own decoder, no experts; "local": the
+# same with an L-MoE and pFedSAM's decoupled schedule; "fedrep": shared body, personal mask head.
+FEDERATED = ["local-plain", "local", "fedavg", "fedprox", "fedavg-ft", "ditto", "fedrep", "pfedsam",
+             "pfedsam-nokd", "pfedsam-nolmoe", "pfedsam-joint"]
+ORDER = ["zero-shot", *FEDERATED, "centralized"]
+BASELINES = ["local-plain", "local", "fedavg", "fedprox", "fedavg-ft", "ditto", "fedrep", "centralized"]
+# The tuning search: the learning-rate scales every searched method tries, then its own knob.
+LR_SCALES = (0.3, 1.0, 3.0)
+KNOBS: dict[str, tuple[str, tuple[float, ...]] | None] = {
+    "pfedsam": ("kd_weight", (0.3, 3.0)), "fedprox": ("prox_mu", (0.001, 0.1)),
+    "ditto": ("ditto_lambda", (0.03, 0.3)), "fedavg": None, "local-plain": None, "local": None,
+}
+SETTING_OF = {"pfedsam-nokd": "pfedsam", "pfedsam-nolmoe": "pfedsam", "pfedsam-joint": "pfedsam",
+              "fedavg-ft": "fedavg", "fedrep": "fedavg", "centralized": "fedavg"}
+OVERLAY_METHODS = ("pfedsam", "fedavg", "ditto", "local-plain")
 BUDGET_KEYS = ("data_root", "backbone", "checkpoint", "image_size", "batch_size", "rounds", "local_steps",
                "global_steps", "final_steps", "max_train", "max_eval", "device")
-PROTOCOL = 2  # 2: a fresh batch stream every round, one step budget for all methods (rows of 1 are not comparable)
-EMPTY_MASK_RULE = ("truth and prediction both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the "
-                   "diagonal of the image's valid (unpadded) region at model resolution")
+PROTOCOL = 3  # 3: in-process job rounds, whole test splits at original resolution, per-image scores
+SCORING = ("each image at its original resolution (logits of the valid region resized back, then thresholded); "
+           "truth and prediction both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the image's "
+           "diagonal; 'polyp Dice' = mean Dice over frames whose truth is not empty; 'empty FP' = share of "
+           "empty frames with a non-empty prediction")
 
 
+# -- settings -------------------------------------------------------------------------------------------
 def budget(args: argparse.Namespace) -> dict:
     return {k: str(getattr(args, k)) for k in BUDGET_KEYS}
 
 
-def settings(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
+def settings(args: argparse.Namespace, seed: int, prompt: str) -> dict:
     """YAML overrides shared by every row: data, budget, seed, prompt, one feature cache."""
     return {
         "backbone": args.backbone, "checkpoint": args.checkpoint, "image_size": args.image_size,
         "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval, "sites": {}},
         "train": {"cache": "disk", "cache_dir": str(args.out / "feature_cache"), "local_steps": args.local_steps,
                   "global_steps": args.global_steps, "final_steps": args.final_steps,
-                  "batch_size": args.batch_size, "seed": seed,
-                  "device": args.device, "num_threads": args.site_threads},
-        "federation": {"rounds": args.rounds, "min_clients": len(sites), "export_format": "none",
-                       "wait_after_min_s": 0},
+                  "batch_size": args.batch_size, "seed": seed, "device": args.device,
+                  "num_threads": os.cpu_count() or 1},  # sites run one after another: all cores
+        "federation": {"rounds": args.rounds, "min_clients": 1, "export_format": "none", "wait_after_min_s": 0},
         "prompt": prompt,
-        "eval": {"hd95": True},
+        "eval": {"hd95": True, "resolution": "original"},
     }
 
 
-def simulate(method: str, tag: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """Run job variant ``method`` in the simulator; returns the server report and process facts."""
-    job = make_variant(method, args.out / "jobs" / tag, MAIN_JOB, extra=settings(args, sites, seed, prompt))
-    ws = args.out / "workspaces" / tag
-    log = args.out / "logs" / f"{tag}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "nvflare.cli", "simulator", str(job), "-w", str(ws), "-c", ",".join(sites),
-           "-t", str(min(args.threads, len(sites)))]
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=args.out)
-    facts = {"wall_s": time.perf_counter() - start, "workspace": str(ws)}
-    report_path = ws / "server" / "simulate_job" / "report.json"
-    if proc.returncode != 0 or not report_path.is_file():
-        raise RuntimeError(f"simulator exit {proc.returncode}; see {log}")
-    return {"report": json.loads(report_path.read_text()), **facts}
+def tag_of(setting: dict) -> str:
+    """A setting's key in results.json, e.g. ``lr=1`` or ``lr=1,kd_weight=3``."""
+    return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
-def run_federated(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    run = simulate(method, f"{method}-{prompt}-s{seed}", args, sites, seed, prompt)
-    report = run.pop("report")
-    missing = sorted(set(sites) - {s for s, r in report["final"].items() if "personalized" in r})
-    if missing:
-        raise RuntimeError(f"no final result from {missing}; see logs/{method}-{prompt}-s{seed}.log")
-    per_site = {s: {"dice": r["personalized"]["dice"], "hd95": r["personalized"]["hd95"],
-                    "global_dice": r["global"]["dice"], "global_hd95": r["global"]["hd95"]}
-                for s, r in report["final"].items()}
-    rounds = report["rounds"]
-    sent = [c["bytes_received"] for e in rounds for c in e["sites"].values()]
-
-    rss = np.array([c["metrics"].get("peak_rss_mb", np.nan) for e in rounds for c in e["sites"].values()])
-
-    def site_mean(key: str) -> list[float]:
-        return [float(np.mean([c["metrics"][key] for c in e["sites"].values() if key in c["metrics"]]))
-                for e in rounds]
-
-    job = report["job"]
-    return {"per_site": per_site, **run, "protocol": PROTOCOL,
-            "steps_per_site": job.get("steps_per_site"), "images_per_site": job.get("images_per_site"),
-            "round_wall_s": float(np.mean([e["wall_time_s"] for e in rounds])),
-            # mode 'local' sends the same bytes (FLARE needs a result) but the server ignores them
-            "bytes_per_round_per_site": float(np.mean(sent)) if method != "local" else 0.0,
-            "val_dice_curve": site_mean("val_dice_personalized"),
-            "train_images_per_s": float(np.mean(site_mean("train_images_per_s"))),
-            "peak_site_rss_mb": float(np.nanmax(rss)) if np.isfinite(rss).any() else None}
+def overrides_of(setting: dict) -> dict:
+    """YAML overrides of a setting: ``lr`` scales both learning rates, other keys are ``train.*``."""
+    train = {k: float(v) for k, v in setting.items() if k != "lr"}
+    scale = float(setting.get("lr", 1.0))
+    train.update(lr_global=BASE.train.lr_global * scale, lr_local=BASE.train.lr_local * scale)
+    return {"train": train}
 
 
-def trainer_for(method: str, args: argparse.Namespace, site: str, seed: int, prompt: str, workdir: Path,
-                site_dir: Path | None = None, all_images: bool = False) -> SiteTrainer:
-    """An in-process site with exactly the settings job variant ``method`` would use."""
-    cfg = variant_config(method, MAIN_JOB, settings(args, [site], seed, prompt))
-    cfg.train.num_threads = os.cpu_count() or 1  # in-process rows run alone: all cores
-    if all_images:  # the pooled site: already limited per centre
-        cfg.data.max_train = cfg.data.max_eval = 0
-    return SiteTrainer(cfg, site, site_dir=site_dir or args.data_root / site, workdir=workdir)
+def search_grid(method: str, best_lr: float | None = None) -> list[dict]:
+    """The settings the search tries for ``method``: the lr scales, then (at ``best_lr``) the knob's values."""
+    if best_lr is None:
+        return [{"lr": s} for s in LR_SCALES]
+    knob = KNOBS.get(method)
+    return [] if knob is None else [{"lr": best_lr, knob[0]: v} for v in knob[1]]
 
 
-def score(trainer: SiteTrainer, which: str = "global") -> dict:
-    r = trainer.evaluate("test", which)
-    return {"dice": r["dice"], "hd95": r["hd95"]}
+def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
+    """(the setting a row of ``method`` runs with, whether it came from a finished search)."""
+    ref = SETTING_OF.get(method, method)
+    tuned = results.get("tuned", {}).get(ref)
+    if tuned is None:
+        return {"lr": 1.0}, False
+    setting = dict(tuned["setting"])
+    cfg = variant_config(method if method in ORDER[1:-1] else "fedavg", MAIN_JOB, {})
+    if "kd_weight" in setting and cfg.train.kd_weight == 0:  # an ablation without KD keeps it off
+        del setting["kd_weight"]
+    return setting, True
 
 
-def run_zero_shot(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """The pretrained backbone, no training, ground-truth box prompts (a reference, not a method)."""
+def make_config(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict, **extra):
+    """The settings of job variant ``method`` for this benchmark, one setting of the search and ``extra``."""
+    merged = settings(args, seed, prompt)
+    for part in (overrides_of(setting), extra):
+        for key, value in part.items():
+            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return variant_config(method, MAIN_JOB, merged)
+
+
+# -- scoring --------------------------------------------------------------------------------------------
+def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "personalized") -> dict:
+    """Whole-test-split scores at original resolution, with the per-image Dice for paired statistics."""
+    with trainer.global_swapped(personal if which == "personalized" else None):
+        r = trainer.evaluate("test", which, per_image=True)
+    images = r.pop("images")
+    return {**r, "images": [i["dice"] for i in images], "ids": [i["id"] for i in images]}
+
+
+def site_row(trainer: SiteTrainer, personal: dict | None, val: float, with_global: bool = True) -> dict:
+    row = test_scores(trainer, personal, "personalized")
+    row["val_dice"] = val
+    if with_global:
+        g = test_scores(trainer, None, "global")
+        row["global"] = {k: v for k, v in g.items() if k != "ids"}
+    return row
+
+
+# -- rows -----------------------------------------------------------------------------------------------
+def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
+               setting: dict) -> dict:
+    """One federated run of job variant ``method`` at all ``sites``, scored on val (selection) and test."""
+    cfg = make_config(method, args, seed, prompt, setting)
+    work = args.out / "work" / f"{method}-{prompt}-s{seed}-{tag_of(setting)}"
+    fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
+                   final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag_of(setting)}] {m}", flush=True))
+    has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
     per_site = {}
-    for site in sites:
-        t = trainer_for("fedavg", args, site, seed, "box", args.out / "work" / "zero-shot")
-        per_site[site] = {**score(t), "global_dice": None}
-    return {"per_site": per_site, "bytes_per_round_per_site": 0.0}
+    for s, t in fed.trainers.items():
+        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"]["dice"], has_global)
+        if seed == 0 and method in OVERLAY_METHODS:
+            with t.global_swapped(fed.personal[s]):
+                t.save_model(args.out / "work" / "models" / f"{method}-{tag_of(setting)}" / s)
+    busy = sum(e["busy_s"] for entry in fed.rounds for e in entry.values())
+    images = sum(e["images"] for entry in fed.rounds for e in entry.values())
+    plan = plan_steps(cfg)
+    n_global = sum(v.size for v in fed.global_state.values())
+    return {
+        "per_site": per_site, "val_dice": float(np.mean([r["val_dice"] for r in per_site.values()])),
+        "val_curve": [float(np.mean([e["val"]["personalized"]["dice"] for e in entry.values()]))
+                      for entry in fed.rounds],
+        "val_curve_global": [float(np.mean([e["val"]["global"]["dice"] for e in entry.values()]))
+                             for entry in fed.rounds],
+        "steps_per_site": plan.total_steps, "images_per_site": plan.total_images,
+        "train_images_per_s": images / busy if busy else None, "wall_s": fed.seconds,
+        "bytes_per_round_per_site": 0.0 if method.startswith("local") else 4.0 * n_global,
+        "rejected": [list(r) for r in fed.rejected],
+    }
 
 
-def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """One model on the pooled training images (symlinks in a temp folder): all sites' steps, same rounds."""
+def run_zero_shot(args: argparse.Namespace, sites: list[str], seed: int, prompt: str, setting: dict) -> dict:
+    """The pretrained backbone, no training, ground-truth box prompts (a reference, not a method)."""
+    cfg = make_config("fedavg", args, seed, "box", setting)
+    per_site = {}
+    for s in sites:
+        t = SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=args.out / "work" / "zero-shot" / s)
+        per_site[s] = site_row(t, None, t.evaluate("val", "global")["dice"], with_global=False)
+    return {"per_site": per_site, "val_dice": float(np.mean([r["val_dice"] for r in per_site.values()])),
+            "bytes_per_round_per_site": 0.0, "steps_per_site": 0, "images_per_site": 0}
+
+
+def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, prompt: str, setting: dict) -> dict:
+    """One model on the pooled training images (symlinks in a temp folder) with all sites' steps together."""
     with tempfile.TemporaryDirectory() as tmp:
         pooled = Path(tmp) / "pooled"
         (pooled / "images").mkdir(parents=True)
@@ -159,70 +222,80 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
                         src = next((args.data_root / site / sub).glob(f"{i}.*"))
                         os.symlink(src, pooled / sub / f"{site}__{src.name}")
                     split[name].append(f"{site}__{i}")
-        split["test"] = [split["val"].pop()]  # unused: the per-site test splits are scored below
+        split["test"] = [split["val"][-1]]  # unused: the per-site test splits are scored below
         (pooled / "split.json").write_text(json.dumps(split))
-        start = time.perf_counter()
-        pool = trainer_for("fedavg", args, "pooled", seed, prompt, args.out / "work" / "centralized", pooled, True)
         n = len(sites)  # the pooled model gets the steps of all sites together
-        t = pool.cfg.train
-        t.local_steps, t.global_steps, t.final_steps = n * t.local_steps, n * t.global_steps, n * t.final_steps
-        plan = plan_steps(pool.cfg)
-        results = [run_round(pool, rnd, evaluate=False) for rnd in range(pool.cfg.federation.rounds)]
+        cfg = make_config("fedavg", args, seed, prompt, setting,
+                          train={"local_steps": n * args.local_steps, "global_steps": n * args.global_steps,
+                                 "final_steps": n * args.final_steps},
+                          data={"max_train": 0, "max_eval": 0})  # already limited per centre
+        start = time.perf_counter()
+        pool = SiteTrainer(cfg, "pooled", site_dir=pooled, workdir=args.out / "work" / "centralized")
+        pool.warm_cache(("train", "val"))
+        results = [run_round(pool, rnd, evaluate=False) for rnd in range(cfg.federation.rounds)]
+        final = run_final(pool, split="val")  # nothing personal: the last round trained the final share
         state = pool.get_global_state()
         wall = time.perf_counter() - start
+        plan = plan_steps(cfg)
+    site_cfg = make_config("fedavg", args, seed, prompt, setting)
     per_site = {}
-    for site in sites:
-        t = trainer_for("fedavg", args, site, seed, prompt, args.out / "work" / "centralized")
+    for s in sites:
+        t = SiteTrainer(site_cfg, s, site_dir=args.data_root / s, workdir=args.out / "work" / "centralized" / s)
         t.set_global_state(state)
-        per_site[site] = {**score(t), "global_dice": None}
+        per_site[s] = site_row(t, None, t.evaluate("val", "global")["dice"], with_global=False)
     busy = sum(p["seconds"] for r in results for p in r.phases.values())
-    return {"per_site": per_site, "wall_s": wall, "bytes_per_round_per_site": float("nan"), "protocol": PROTOCOL,
+    return {"per_site": per_site, "val_dice": float(np.mean([r["val_dice"] for r in per_site.values()])),
+            "pooled_val_dice": final.val["global"]["dice"], "wall_s": wall, "bytes_per_round_per_site": None,
             "steps_per_site": plan.total_steps / n, "images_per_site": plan.total_images / n,
-            "train_images_per_s": sum(r.images for r in results) / busy}
+            "train_images_per_s": sum(r.images for r in results) / busy if busy else None}
 
 
-def _adapt(method: str, lr_key: str, lrs: list[float], glob: dict, args: argparse.Namespace, centre: str,
-           seed: int, prompt: str, steps: int, work: Path) -> dict:
+def _adapt(method: str, lr_key: str, scales: tuple[float, ...], glob: dict, args: argparse.Namespace, centre: str,
+           seed: int, prompt: str, steps: int) -> dict:
     """The final personalization of ``method`` at ``centre`` from ``glob`` with ``steps`` steps, once per
-    learning rate; the one best on the validation split is scored on test."""
+    learning-rate scale; the one best on the validation split is scored on test."""
     tried = {}
-    for lr in lrs:
-        t = trainer_for(method, args, centre, seed, prompt, work)
-        setattr(t.cfg.train, lr_key, lr)
-        t.cfg.train.final_steps = steps
+    for scale in scales:
+        cfg = make_config(method, args, seed, prompt, {"lr": scale}, train={"final_steps": steps})
+        t = SiteTrainer(cfg, centre, site_dir=args.data_root / centre,
+                        workdir=args.out / "work" / f"unseen-{centre}" / f"{method}-{scale:g}")
         t.set_global_state(glob)
         final = run_final(t, split="val")
-        tried[lr] = (final.val["personalized"]["dice"], t, final.personal)
-    best = max(tried, key=lambda lr: tried[lr][0])
+        tried[scale] = (final.val["personalized"]["dice"], t, final.personal)
+    best = max(tried, key=lambda s: tried[s][0])
     _, t, personal = tried[best]
-    with t.global_swapped(personal):
-        test = t.evaluate("test", "personalized")
-    return {"dice": test["dice"], lr_key: best, "val_dice_by_lr": {str(k): v[0] for k, v in tried.items()}}
+    lr = getattr(t.cfg.train, lr_key)
+    return {**{k: v for k, v in test_scores(t, personal).items() if k != "ids"}, lr_key: lr,
+            "val_dice_by_lr_scale": {f"{k:g}": v[0] for k, v in tried.items()}}
 
 
-def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str) -> dict:
-    """Train pFedSAM on every other centre, then score ``centre`` before and after local adaptation.
-
-    Both adaptations (a fresh L-MoE distilled from the global model; fine-tuning the global part
-    itself, as FedAvg + fine-tune would) get the same steps: what a participating site's
-    personal part trains in the whole run. Each uses the learning rate, of three, that is best
-    on the centre's validation split.
-    """
+def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
+               results: dict) -> dict:
+    """pFedSAM and FedAvg trained on every other centre, then ``centre`` scored before and after adaptation."""
     train_sites = [s for s in sites if s != centre]
-    run = simulate("pfedsam", f"unseen-{centre}-{prompt}-s{seed}", args, train_sites, seed, prompt)
-    seen = {s: r["personalized"]["dice"] for s, r in run.pop("report")["final"].items() if "personalized" in r}
-    glob = dict(np.load(Path(run["workspace"]) / "server" / "simulate_job" / "global_model.npz"))
+    out: dict = {"train_sites": train_sites, "seed": seed}
     steps = args.rounds * args.local_steps + args.final_steps
-    out = {"train_sites": train_sites, "adapt_steps": steps, **run, "protocol": PROTOCOL,
-           "seen_sites_mean_dice": float(np.mean(list(seen.values())))}
-    work = args.out / "work" / f"unseen-{centre}"
-    t = trainer_for("pfedsam", args, centre, seed, prompt, work)
-    t.set_global_state(glob)
-    out["global"] = score(t, "global")
-    out["fresh_lmoe"] = _adapt("pfedsam", "lr_local", [3e-4, 1e-3, 3e-3], glob, args, centre, seed, prompt,
-                               steps, work)
-    out["finetune_global"] = _adapt("fedavg-ft", "lr_global", [3e-5, 1e-4, 3e-4], glob, args, centre, seed,
-                                    prompt, steps, work)
+    out["adapt_steps"] = steps
+    globs = {}
+    for method in ("pfedsam", "fedavg"):
+        setting, tuned = chosen_setting(results, method)
+        cfg = make_config(method, args, seed, prompt, setting)
+        work = args.out / "work" / f"unseen-{centre}" / method
+        fed = federate(lambda s, cfg=cfg, work=work: SiteTrainer(cfg, s, site_dir=args.data_root / s,
+                                                                  workdir=work / s), train_sites,
+                       log=lambda m, method=method: print(f"  [unseen {centre} {method}] {m}", flush=True))
+        globs[method] = fed.global_state
+        out[f"{method}_setting"] = {"tag": tag_of(setting), "tuned": tuned}
+        out[f"{method}_seen_mean_dice"] = float(np.mean([f["val"]["personalized"]["dice"]
+                                                         for f in fed.final.values()]))
+        t = SiteTrainer(make_config(method, args, seed, prompt, setting), centre,
+                        site_dir=args.data_root / centre, workdir=work / centre)
+        t.set_global_state(fed.global_state)
+        out[f"{method}_global"] = {k: v for k, v in test_scores(t, None, "global").items() if k != "ids"}
+    out["pfedsam_fresh_lmoe"] = _adapt("pfedsam", "lr_local", LR_SCALES, globs["pfedsam"], args, centre, seed,
+                                       prompt, steps)
+    out["fedavg_finetuned"] = _adapt("fedavg-ft", "lr_global", LR_SCALES, globs["fedavg"], args, centre, seed,
+                                     prompt, steps)
     return out
 
 
@@ -231,7 +304,7 @@ def full_finetune_bytes() -> dict:
     out = {}
     for backbone, size in (("litemedsam", 256), ("vit_b", 1024), ("vit_l", 1024), ("vit_h", 1024)):
         model = build_pfedsam(load_config(path=MAIN_JOB / "app" / "config" / "pfedsam.yaml",
-                                          overrides=[f"backbone={backbone}", f"image_size={size}"]))
+                                          overrides=[f"backbone={backbone}", f"image_size={size}"]), weights=False)
         counts = model.registry.counts(model)["params"]
         total = sum(counts.values())
         glob = counts[ParamKind.GLOBAL.value]
@@ -242,80 +315,145 @@ def full_finetune_bytes() -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def _rows(results: dict, prompt: str, seed: int | None = None) -> list[tuple[str, dict]]:
-    order = ["zero-shot", *FEDERATED, "centralized"]
-    rows = []
-    for key, r in results["rows"].items():
-        method, row_prompt, row_seed = key.split("|")
-        if (row_prompt == prompt or method == "zero-shot") and (seed is None or row_seed == f"seed{seed}"):
-            rows.append((method, r))
-    return sorted(rows, key=lambda kr: order.index(kr[0]) if kr[0] in order else len(order))
+def main_runs(results: dict, method: str, prompt: str = "none") -> list[dict]:
+    """The runs of ``method`` with its chosen setting, one per seed, in seed order (errors left out)."""
+    setting, _ = chosen_setting(results, method)
+    tag = tag_of(setting)
+    runs = []
+    for key, r in results["runs"].items():
+        m, p, s, t = key.split("|")
+        if m == method and (p == prompt or m == "zero-shot") and t == tag and "per_site" in r:
+            runs.append((int(s.removeprefix("seed")), r))
+    return [r for _, r in sorted(runs, key=lambda x: x[0])]
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or not np.isfinite(x) else format(x, spec)
 
 
-def table(results: dict, prompt: str, seed: int) -> list[str]:
+def _site_mean(r: dict, key: str, sites: list[str], which: str | None = None) -> float:
+    vals = [(r["per_site"][s][which] if which else r["per_site"][s]).get(key) for s in sites]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def main_table(results: dict, prompt: str = "none") -> list[str]:
+    """Per centre and mean: mean +- std over seeds of the personalized test Dice, then the other scores."""
     sites = results["sites"]
-    head = ("| method | " + " | ".join(sites) + " | **mean Dice** | mean HD95 | mean global Dice | MB/round/site "
-            "| s/round | train img/s/site | peak site RSS MB | steps/site | images/site |")
-    lines = [head, "|" + "---|" * (len(sites) + 10)]
-    for method, r in _rows(results, prompt, seed):
-        if "error" in r:
-            lines.append(f"| {method} | " + " | ".join("-" for _ in sites) + f" | error: {r['error']} |||||||")
+    lines = ["| method | setting | seeds | " + " | ".join(sites) + " | **mean Dice** | polyp Dice | empty FP "
+             "| HD95 | global Dice |", "|" + "---|" * (len(sites) + 8)]
+    for method in ORDER:
+        runs = main_runs(results, method, prompt)
+        if not runs:
             continue
-        dice = [r["per_site"][s]["dice"] for s in sites]
-        hd = [r["per_site"][s]["hd95"] for s in sites]
-        gd = [r["per_site"][s].get("global_dice") for s in sites]
-        gmean = float(np.mean(gd)) if None not in gd else None
-        lines.append(f"| {method} | " + " | ".join(f"{d:.3f}" for d in dice)
-                     + f" | **{np.mean(dice):.3f}** | {np.mean(hd):.1f} | {_fmt(gmean, '.3f')} | "
-                     + f"{_fmt(r.get('bytes_per_round_per_site', float('nan')) / 1e6, '.2f')} | "
-                     + f"{_fmt(r.get('round_wall_s'), '.0f')} | {_fmt(r.get('train_images_per_s'), '.1f')} | "
-                     + f"{_fmt(r.get('peak_site_rss_mb'), '.0f')} | {_fmt(r.get('steps_per_site'), '.0f')} | "
-                     + f"{_fmt(r.get('images_per_site'), '.0f')} |")
+        setting, tuned = chosen_setting(results, method)
+        cells = []
+        for s in sites:
+            m, sd = mean_std([r["per_site"][s]["dice"] for r in runs])
+            cells.append(f"{m:.3f} +- {sd:.3f}" if len(runs) > 1 else f"{m:.3f}")
+        mean = mean_std([_site_mean(r, "dice", sites) for r in runs])
+        other = [float(np.nanmean([_site_mean(r, k, sites) for r in runs])) for k in ("dice_fg", "empty_fp", "hd95")]
+        glob = [_site_mean(r, "dice", sites, "global") for r in runs if all(r["per_site"][s].get("global")
+                                                                             for s in sites)]
+        label = tag_of(setting) + ("" if tuned or method == "zero-shot" else " (untuned)")
+        lines.append(f"| {method} | {label} | {len(runs)} | " + " | ".join(cells)
+                     + f" | **{mean[0]:.3f} +- {mean[1]:.3f}** | {other[0]:.3f} | {_fmt(other[1], '.3f')} | "
+                     + f"{other[2]:.1f} | {_fmt(float(np.mean(glob)) if glob else None, '.3f')} |")
     return lines
 
 
-def seeds_table(results: dict, prompt: str) -> list[str]:
-    by_method: dict[str, list[float]] = {}
-    for method, r in _rows(results, prompt):
-        if "per_site" in r:
-            by_method.setdefault(method, []).append(float(np.mean([v["dice"] for v in r["per_site"].values()])))
-    lines = ["| method | seeds | mean Dice (mean +- std over seeds) | per seed |", "|---|---|---|---|"]
-    for method, vals in by_method.items():
-        if len(vals) > 1:
-            lines.append(f"| {method} | {len(vals)} | {np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f} | "
-                         + ", ".join(f"{v:.3f}" for v in vals) + " |")
+def per_image_scores(results: dict, method: str, prompt: str = "none") -> dict[str, list[list[float]]] | None:
+    runs = main_runs(results, method, prompt)
+    if not runs:
+        return None
+    return {s: [r["per_site"][s]["images"] for r in runs] for s in results["sites"]}
+
+
+def interval_table(results: dict, prompt: str = "none", reference: str = "pfedsam") -> list[str]:
+    """pFedSAM minus each baseline: mean over centres with a paired bootstrap 95% interval, and per centre."""
+    ref = per_image_scores(results, reference, prompt)
+    if ref is None:
+        return []
+    sites = results["sites"]
+    lines = ["| pFedSAM minus | seeds (pFedSAM / other) | **mean difference [95% CI]** | reading | "
+             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 4)]
+    n_ref = len(main_runs(results, reference, prompt))
+    for method in [m for m in ORDER if m != reference]:
+        other = per_image_scores(results, method, prompt)
+        if other is None:
+            continue
+        overall = paired_difference(ref, other)
+        cells = []
+        for s in sites:
+            d = paired_difference({s: ref[s]}, {s: other[s]})
+            cells.append(f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+        lines.append(f"| {method} | {n_ref} / {len(main_runs(results, method, prompt))} | "
+                     f"**{overall['diff']:+.3f} [{overall['lo']:+.3f}, {overall['hi']:+.3f}]** | "
+                     f"{verdict(overall)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def search_table(results: dict) -> list[str]:
+    lines = ["| method | setting | val Dice (seed 0, mean over centres) | test Dice | chosen |", "|---|---|---|---|---|"]
+    for method in ORDER:
+        tuned = results.get("tuned", {}).get(method)
+        for key, r in results["runs"].items():
+            m, p, s, tag = key.split("|")
+            if m == method and p == "none" and s == "seed0" and "per_site" in r and r.get("search"):
+                chosen = "yes" if tuned and tuned["tag"] == tag else ""
+                lines.append(f"| {method} | {tag} | {r['val_dice']:.3f} | "
+                             f"{_site_mean(r, 'dice', results['sites']):.3f} | {chosen} |")
     return lines if len(lines) > 2 else []
+
+
+def budget_table(results: dict) -> list[str]:
+    lines = ["| method | setting | seed | steps/site | images/site | train img/s | wall time (min) | "
+             "MB/round/site | rejected updates |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in sorted(results["runs"].items(), key=lambda kr: (ORDER.index(kr[0].split("|")[0])
+                                                                   if kr[0].split("|")[0] in ORDER else 99, kr[0])):
+        m, p, s, tag = key.split("|")
+        if "error" in r:
+            lines.append(f"| {m} | {tag} | {s} | error: {r['error']} ||||||")
+            continue
+        mb = r.get("bytes_per_round_per_site")
+        lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | {_fmt(r.get('steps_per_site'), '.0f')} | "
+                     f"{_fmt(r.get('images_per_site'), '.0f')} | {_fmt(r.get('train_images_per_s'), '.1f')} | "
+                     f"{_fmt(r.get('wall_s', float('nan')) / 60, '.1f')} | "
+                     f"{_fmt(None if mb is None else mb / 1e6, '.2f')} | {len(r.get('rejected', []))} |")
+    return lines
 
 
 def unseen_table(results: dict) -> list[str]:
     if not results.get("unseen"):
         return []
-    lines = ["| left-out centre | global model | + fresh L-MoE (local adaptation) | + fine-tune global part "
-             "| adapt steps | seen centres' mean personalized Dice |", "|---|---|---|---|---|---|"]
+    lines = ["| left-out centre | pFedSAM global | + fresh L-MoE adapted | FedAvg global | FedAvg fine-tuned "
+             "| adapt steps | fresh L-MoE minus FedAvg fine-tuned |", "|---|---|---|---|---|---|---|"]
     for centre, u in results["unseen"].items():
         if "error" in u:
-            lines.append(f"| {centre} | error: {u['error']} |||||")
+            lines.append(f"| {centre} | error: {u['error']} ||||||")
             continue
-        lines.append(f"| {centre} | {u['global']['dice']:.3f} | {u['fresh_lmoe']['dice']:.3f} | "
-                     f"{u['finetune_global']['dice']:.3f} | {u['adapt_steps']} | {u['seen_sites_mean_dice']:.3f} |")
+        a, b = u["pfedsam_fresh_lmoe"], u["fedavg_finetuned"]
+        d = paired_difference({centre: [a["images"]]}, {centre: [b["images"]]})
+        lines.append(f"| {centre} | {u['pfedsam_global']['dice']:.3f} | {a['dice']:.3f} | "
+                     f"{u['fedavg_global']['dice']:.3f} | {b['dice']:.3f} | {u['adapt_steps']} | "
+                     f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |")
     return lines
 
 
 def markdown(results: dict) -> str:
-    out = [f"# Benchmark: {results['dataset']}", "", f"Budget: {json.dumps(results['budget'])}",
-           f"Hardware: {json.dumps(results['hardware'])}", f"Empty masks: {results['empty_mask_rule']}", "",
-           "## Main table (prompt-free, seed 0; Dice of each site's personalized model on its test split)", "",
-           *table(results, "none", 0)]
-    if seeds := seeds_table(results, "none"):
-        out += ["", "## Seeds (prompt-free)", "", *seeds]
-    if any(m != "zero-shot" for m, _ in _rows(results, "box")):
-        out += ["", "## Box prompts (seed 0)", "", *table(results, "box", 0)]
+    out = [f"# Benchmark: {results['dataset']}", "",
+           "Generated by `benchmarks/run.py` from `results.json` (every number below is a run recorded there).", "",
+           f"Budget: `{json.dumps(results['budget'])}`", "", f"Hardware: `{json.dumps(results['hardware'])}`", "",
+           f"Scoring: {results['scoring']}", "",
+           "## Main table (prompt-free; personalized test Dice, whole test splits, mean +- std over seeds)", "",
+           *main_table(results)]
+    if ci := interval_table(results):
+        out += ["", "## pFedSAM against each row (paired bootstrap over test images, seeds pooled)", "", *ci]
+    if search := search_table(results):
+        out += ["", "## Tuning search (seed 0; chosen by validation Dice)", "", *search]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
+    out += ["", "## Every run: budget and cost", "", *budget_table(results)]
     out += ["", "## Communication per round per site (exact, from parameter counts)", "",
             "| backbone | full FT fp32 MB | full FT fp16 MB | pFedSAM fp32 MB | pFedSAM fp16 MB |",
             "|---|---|---|---|---|"]
@@ -331,31 +469,36 @@ def plots(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(m, r) for m, r in _rows(results, "none", 0) if "per_site" in r]
+    rows = [(m, main_runs(results, m)) for m in ORDER]
+    rows = [(m, runs) for m, runs in rows if runs]
+    if not rows:
+        return
     sites = results["sites"]
     fig, ax = plt.subplots(figsize=(13, 4))
-    width = 0.8 / max(len(rows), 1)
-    for k, (method, r) in enumerate(rows):
-        ax.bar(np.arange(len(sites)) + k * width, [r["per_site"][s]["dice"] for s in sites], width, label=method)
+    width = 0.8 / len(rows)
+    for k, (method, runs) in enumerate(rows):
+        means = [np.mean([r["per_site"][s]["dice"] for r in runs]) for s in sites]
+        stds = [np.std([r["per_site"][s]["dice"] for r in runs]) for s in sites]
+        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=stds, label=method)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
-    ax.set_ylabel("test Dice (personalized)")
+    ax.set_ylabel("test Dice (personalized, original resolution)")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(out / "dice_per_site.png", dpi=100)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, r in rows:
-        if r.get("val_dice_curve"):
-            ax.plot(range(len(r["val_dice_curve"])), r["val_dice_curve"], marker="o", label=method)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, runs in rows:
+        if runs[0].get("val_curve"):
+            ax.plot(range(len(runs[0]["val_curve"])), runs[0]["val_curve"], marker="o", label=method)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean val Dice (personalized, after the local phase)")
+    ax.set_ylabel("mean val Dice (personalized, seed 0)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "dice_over_rounds.png", dpi=100)
     plt.close(fig)
 
 
-def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_site: int = 2) -> None:
+def overlays(results: dict, args: argparse.Namespace, per_site: int = 2) -> None:
     """image | ground truth | each method's personalized prediction, for the first test images."""
     import matplotlib
 
@@ -365,8 +508,9 @@ def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_si
 
     from pfedsam.export.inference import predict, read_rgb
 
-    rows = dict(_rows(results, "none", 0))
-    methods = [m for m in methods if "workspace" in rows.get(m, {})]
+    models = {m: args.out / "work" / "models" / f"{m}-{tag_of(chosen_setting(results, m)[0])}"
+              for m in OVERLAY_METHODS}
+    methods = [m for m, p in models.items() if p.is_dir()]
     if not methods:
         return
     sites = results["sites"]
@@ -377,9 +521,9 @@ def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_si
         images = [next((args.data_root / site / "images").glob(f"{x}.*")) for x in ids]
         preds = {}
         for m in methods:
-            model = Path(rows[m]["workspace"]) / site / "simulate_job" / f"app_{site}" / "personalized_model"
-            dest = args.out / "overlays" / m / site
-            predict(model, images, dest, engine="torch", masks_dir=args.data_root / site / "masks", warmup=0)
+            dest = args.out / "work" / "overlays" / m / site
+            predict(models[m] / site, images, dest, engine="torch", masks_dir=args.data_root / site / "masks",
+                    warmup=0)
             preds[m] = dest
         for j, img in enumerate(images):
             ax_row = axes[i * per_site + j]
@@ -399,24 +543,25 @@ def overlays(results: dict, args: argparse.Namespace, methods: list[str], per_si
     plt.close(fig)
 
 
+# -- driver ---------------------------------------------------------------------------------------------
 def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
     path = args.out / "results.json"
     if path.is_file():
         results = json.loads(path.read_text())
+        if results.get("protocol") != PROTOCOL:
+            sys.exit(f"{path} holds runs of benchmark protocol {results.get('protocol', 1)}, not comparable with "
+                     f"protocol {PROTOCOL} (whole test splits, original resolution); use another --out or move it")
         stored = {**budget(parse_args([])), **results.get("budget", {})}  # keys added later: their defaults
         stored["data_root"] = results.get("budget", {}).get("data_root")
-        if results.get("protocol") != PROTOCOL:
-            sys.exit(f"{path} holds rows of training protocol {results.get('protocol', 1)} (replayed batches, "
-                     f"unequal budgets), not comparable with protocol {PROTOCOL}; use another --out or move it")
         if stored != budget(args) or results.get("sites") != sites:
-            sys.exit(f"{path} holds rows of another budget or site list ({results.get('budget')}); "
+            sys.exit(f"{path} holds runs of another budget or site list ({results.get('budget')}); "
                      "use another --out or delete it")
         return results
     return {"dataset": args.data_root.name, "sites": sites, "budget": budget(args), "protocol": PROTOCOL,
             "hardware": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "sites_at_once": args.threads, "torch_threads_per_site": args.site_threads,
+                         "torch": torch.__version__,
                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "empty_mask_rule": EMPTY_MASK_RULE, "rows": {}, "unseen": {}, "communication": full_finetune_bytes()}
+            "scoring": SCORING, "runs": {}, "tuned": {}, "unseen": {}, "communication": full_finetune_bytes()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -424,28 +569,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data" / "polyp",
                         help="one folder per site, or 'synthetic' for the main job's generated sites")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "polyp")
-    parser.add_argument("--methods", default=",".join(["zero-shot", *FEDERATED, "centralized"]),
-                        help="comma list; '' for none (e.g. with --unseen only)")
+    parser.add_argument("--methods", default="pfedsam", help=f"comma list of {', '.join(ORDER)}; '' for none")
     parser.add_argument("--seeds", default="0", help="comma list of seeds; every method runs once per seed")
-    parser.add_argument("--unseen", default="", help="comma list of centres for the leave-one-out experiment")
+    parser.add_argument("--search", action="store_true",
+                        help="run the tuning search (seed 0) of the listed methods and record their settings")
+    parser.add_argument("--unseen", default="", help="comma list of centres (or 'all') for leave-one-out")
     parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--checkpoint", default=None, help="SAM checkpoint (vit_b/l/h need the official file)")
     parser.add_argument("--image-size", type=int, default=0, help="model input side (0 = the backbone's own)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=6)
-    parser.add_argument("--global-steps", type=int, default=10)
-    parser.add_argument("--final-steps", type=int, default=6, help="final personalization steps (every method)")
-    parser.add_argument("--max-train", type=int, default=24, help="training images per site (0 = all)")
-    parser.add_argument("--max-eval", type=int, default=16, help="val and test images per site (0 = all)")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--global-steps", type=int, default=16)
+    parser.add_argument("--final-steps", type=int, default=16, help="final personalization steps (every method)")
+    parser.add_argument("--max-train", type=int, default=100, help="training images per site (0 = all)")
+    parser.add_argument("--max-eval", type=int, default=0,
+                        help="val and test images per site (0 = all; anything else is for smoke runs only)")
     parser.add_argument("--prompt", default="none", choices=["none", "box"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="simulator client threads (sites run at once)")
-    parser.add_argument("--site-threads", type=int, default=1,
-                        help="torch CPU threads per site process (threads x site-threads <= cores avoids "
-                             "oversubscription; 0 = torch default)")
-    parser.add_argument("--force", action="store_true", help="rerun rows already in results.json")
+    parser.add_argument("--force", action="store_true", help="rerun runs already in results.json")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
+    parser.add_argument("--no-overlays", action="store_true", help="skip overlays.png")
     return parser.parse_args(argv)
 
 
@@ -454,54 +598,89 @@ def main() -> None:
     if str(args.data_root) == "synthetic":  # the generated SYNTHETIC sites of the main job (made on first use)
         from pfedsam.data.resolve import synthetic_root
 
-        args.data_root = synthetic_root(load_config(MAIN_JOB / "app" / "config" / "pfedsam.yaml"))
+        args.data_root = synthetic_root(BASE)
     if not args.data_root.is_dir():
         sys.exit(f"--data-root {args.data_root} not found (the real data lives in ../shared/data)")
     args.out = args.out.resolve()
     args.data_root = args.data_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     sites = discover_sites(args.data_root)
-    unknown = [c for c in filter(None, args.unseen.split(",")) if c not in sites]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in ORDER]
     if unknown:
-        sys.exit(f"--unseen: {unknown} not among the sites {sites}")
+        sys.exit(f"--methods: unknown {unknown}; choose from {ORDER}")
+    if args.search and (bad := [m for m in methods if m not in KNOBS]):
+        sys.exit(f"--search: {bad} have no search (searched: {list(KNOBS)}); their rows reuse {SETTING_OF}")
+    centres = sites if args.unseen == "all" else [c for c in args.unseen.split(",") if c]
+    if bad := [c for c in centres if c not in sites]:
+        sys.exit(f"--unseen: {bad} not among the sites {sites}")
     results = load_results(args, sites)
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     def save() -> None:
-        (args.out / "results.json").write_text(json.dumps(results, indent=1, default=float))
+        tmp = args.out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1, default=float))
+        tmp.replace(args.out / "results.json")  # never a half-written file
+        (args.out / "results.md").write_text(markdown(results))
 
-    runners = {"zero-shot": run_zero_shot, "centralized": run_centralized}
-    jobs = [] if args.report_only else [
-        (m, s) for s in map(int, args.seeds.split(",")) for m in filter(None, args.methods.split(","))]
-    for method, seed in jobs:
-        key = f"{method}|{'box' if method == 'zero-shot' else args.prompt}|seed{seed}"
-        if key in results["rows"] and "error" not in results["rows"][key] and not args.force:
+    def run(method: str, seed: int, setting: dict, search: bool = False) -> dict:
+        prompt = "box" if method == "zero-shot" else args.prompt
+        key = f"{method}|{prompt}|seed{seed}|{tag_of(setting)}"
+        old = results["runs"].get(key)
+        if old is not None and "error" not in old and not args.force:
             print(f"{key}: already in results.json", flush=True)
-            continue
+            old["search"] = old.get("search") or search
+            return old
+        print(f"{key}: running", flush=True)
         start = time.perf_counter()
         try:
-            if method in runners:
-                row = runners[method](args, sites, seed, args.prompt)
-            else:
-                row = run_federated(method, args, sites, seed, args.prompt)
-        except Exception as exc:  # one failed row must not lose the others
-            row = {"error": str(exc)}
+            runner = {"zero-shot": run_zero_shot, "centralized": run_centralized}.get(method)
+            row = (runner(args, sites, seed, prompt, setting) if runner
+                   else run_method(method, args, sites, seed, prompt, setting))
+        except Exception as exc:  # one failed run must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            row = {"error": f"{type(exc).__name__}: {exc}"}
         row.setdefault("wall_s", time.perf_counter() - start)
-        results["rows"][key] = row
+        row["search"] = search
+        results["runs"][key] = row
         save()
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
-    for centre in filter(None, [] if args.report_only else args.unseen.split(",")):
-        if centre in results["unseen"] and "error" not in results["unseen"][centre] and not args.force:
-            continue
-        try:
-            results["unseen"][centre] = run_unseen(centre, args, sites, int(args.seeds.split(",")[0]), args.prompt)
-        except Exception as exc:
-            results["unseen"][centre] = {"error": str(exc)}
-        save()
-        print(f"unseen {centre}: done", flush=True)
+        return row
+
+    if not args.report_only:
+        if args.search:
+            for method in methods:
+                tried = {}
+                for setting in search_grid(method):
+                    tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
+                best_lr = max(tried.values(), key=lambda v: v[0])[1]["lr"]
+                for setting in search_grid(method, best_lr):
+                    tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
+                tag, (val, setting) = max(tried.items(), key=lambda kv: kv[1][0])
+                results["tuned"][method] = {"tag": tag, "setting": setting, "val_dice": val,
+                                            "tried": {t: v for t, (v, _) in tried.items()}}
+                save()
+                print(f"{method}: chose {tag} (val Dice {val:.4f})", flush=True)
+        else:
+            for seed in seeds:
+                for method in methods:
+                    run(method, seed, chosen_setting(results, method)[0])
+        for centre in centres:
+            u = results["unseen"].get(centre)
+            if u is not None and "error" not in u and not args.force:
+                continue
+            try:
+                results["unseen"][centre] = run_unseen(centre, args, sites, seeds[0], args.prompt, results)
+            except Exception as exc:
+                results["unseen"][centre] = {"error": f"{type(exc).__name__}: {exc}"}
+            save()
+            print(f"unseen {centre}: done", flush=True)
     save()
-    (args.out / "results.md").write_text(markdown(results))
     plots(results, args.out)
-    overlays(results, args, ["pfedsam", "fedavg", "ditto", "local"])
+    if not args.no_overlays:
+        overlays(results, args)
     print(markdown(results))
 
 

@@ -1,61 +1,145 @@
-"""The benchmark's report helpers: tables come from the rows, seeds give mean +- std, budgets never mix."""
+"""The benchmark's bookkeeping: settings of the search, tables from recorded runs, paired intervals, budgets."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+import stats  # noqa: E402  (benchmarks/stats.py)
 
 SITES = ["a", "b"]
 
 
-def _row(dice_a: float, dice_b: float, **extra) -> dict:
-    return {"per_site": {"a": {"dice": dice_a, "hd95": 10.0, "global_dice": 0.1},
-                         "b": {"dice": dice_b, "hd95": 20.0, "global_dice": 0.3}}, **extra}
+def _run(dice_a: list[float], dice_b: list[float], val: float = 0.5, **extra) -> dict:
+    def site(d: list[float]) -> dict:
+        return {"dice": float(np.mean(d)), "hd95": 10.0, "dice_fg": float(np.mean(d)), "empty_fp": float("nan"),
+                "images": d, "val_dice": val, "global": {"dice": 0.1, "images": [0.1] * len(d)}}
+
+    return {"per_site": {"a": site(dice_a), "b": site(dice_b)}, "val_dice": val, **extra}
 
 
-def _results(rows: dict) -> dict:
-    return {"dataset": "x", "sites": SITES, "budget": {}, "hardware": {}, "empty_mask_rule": "", "rows": rows,
-            "unseen": {}, "communication": {}, "protocol": bench.PROTOCOL}
+def _results(runs: dict, tuned: dict | None = None) -> dict:
+    return {"dataset": "x", "sites": SITES, "budget": {}, "hardware": {}, "scoring": "", "runs": runs,
+            "tuned": tuned or {}, "unseen": {}, "communication": {}, "protocol": bench.PROTOCOL}
+
+
+# -- paired bootstrap ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "a,b,diff,excludes_zero",
+    [
+        ({"x": [[0.5, 0.6, 0.7]]}, {"x": [[0.5, 0.6, 0.7]]}, 0.0, False),  # the same scores: exactly 0
+        ({"x": [[0.6, 0.7, 0.8, 0.9]]}, {"x": [[0.5, 0.6, 0.7, 0.8]]}, 0.1, True),  # a constant shift
+        ({"x": [[0.9, 0.1, 0.9, 0.1]]}, {"x": [[0.1, 0.9, 0.1, 0.9]]}, 0.0, False),  # wins and losses cancel
+        # seeds are averaged per image first: (0.6 + 0.8) / 2 - 0.5 = 0.2 on both images
+        ({"x": [[0.6, 0.6], [0.8, 0.8]]}, {"x": [[0.5, 0.5]]}, 0.2, True),
+        # centres count the same whatever their size: (0.1 + 0.3) / 2
+        ({"x": [[0.6] * 10], "y": [[0.8, 0.8]]}, {"x": [[0.5] * 10], "y": [[0.5, 0.5]]}, 0.2, True),
+    ],
+)
+def test_paired_difference(a, b, diff, excludes_zero):
+    out = stats.paired_difference(a, b, n_boot=500)
+    assert out["diff"] == pytest.approx(diff)
+    assert out["lo"] <= out["diff"] + 1e-12 and out["diff"] - 1e-12 <= out["hi"]
+    assert (out["lo"] > 0 or out["hi"] < 0) is excludes_zero
 
 
 @pytest.mark.parametrize(
-    "rows,expected_lines",
+    "interval,reading",
+    [({"lo": 0.01, "hi": 0.05}, "ahead"), ({"lo": -0.05, "hi": -0.01}, "behind"),
+     ({"lo": -0.01, "hi": 0.05}, "no difference shown")],
+)
+def test_verdict(interval, reading):
+    assert stats.verdict(interval) == reading
+
+
+def test_paired_difference_refuses_unpaired_scores():
+    with pytest.raises(ValueError, match="same images"):
+        stats.paired_difference({"x": [[0.5, 0.6]]}, {"x": [[0.5]]})
+    with pytest.raises(ValueError, match="different centres"):
+        stats.paired_difference({"x": [[0.5]]}, {"y": [[0.5]]})
+
+
+# -- settings and the search ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "setting,tag,lr_scale",
+    [({"lr": 1.0}, "lr=1", 1.0), ({"lr": 0.3}, "lr=0.3", 0.3), ({"lr": 3.0, "kd_weight": 0.3}, "lr=3,kd_weight=0.3", 3.0)],
+)
+def test_setting_tags_and_overrides(setting, tag, lr_scale):
+    assert bench.tag_of(setting) == tag
+    train = bench.overrides_of(setting)["train"]
+    assert train["lr_global"] == pytest.approx(bench.BASE.train.lr_global * lr_scale)
+    assert train["lr_local"] == pytest.approx(bench.BASE.train.lr_local * lr_scale)
+    assert {k: v for k, v in train.items() if not k.startswith("lr_")} == {
+        k: v for k, v in setting.items() if k != "lr"}
+
+
+@pytest.mark.parametrize(
+    "method,best_lr,expected",
+    [("fedavg", None, ["lr=0.3", "lr=1", "lr=3"]), ("fedavg", 3.0, []),
+     ("pfedsam", 0.3, ["lr=0.3,kd_weight=0.3", "lr=0.3,kd_weight=3"]),
+     ("fedprox", 1.0, ["lr=1,prox_mu=0.001", "lr=1,prox_mu=0.1"])],
+)
+def test_search_grid(method, best_lr, expected):
+    assert [bench.tag_of(s) for s in bench.search_grid(method, best_lr)] == expected
+
+
+@pytest.mark.parametrize(
+    "method,tuned,expected,from_search",
     [
-        ({"pfedsam|none|seed0": _row(0.5, 0.7, bytes_per_round_per_site=14e6, round_wall_s=100.0)},
-         ["| pfedsam | 0.500 | 0.700 | **0.600** | 15.0 | 0.200 | 14.00 | 100 | - | - | - | - |"]),
-        ({"fedavg|none|seed0": _row(0.5, 0.7, steps_per_site=68, images_per_site=272)},
-         ["| fedavg | 0.500 | 0.700 | **0.600** | 15.0 | 0.200 | - | - | - | - | 68 | 272 |"]),
-        ({"fedavg|none|seed0": _row(0.2, 0.4), "zero-shot|box|seed0": _row(0.9, 0.8)},  # zero-shot listed first
-         ["| zero-shot | 0.900 | 0.800 | **0.850** |", "| fedavg | 0.200 | 0.400 | **0.300** |"]),
-        ({"local|none|seed0": {"error": "simulator exit 1"}}, ["| local | - | - | error: simulator exit 1 |"]),
-        ({"pfedsam|box|seed0": _row(0.5, 0.7), "pfedsam|none|seed1": _row(0.5, 0.7)}, []),  # other prompt/seed
+        ("pfedsam", {}, {"lr": 1.0}, False),  # no search yet: the default, marked untuned
+        ("pfedsam", {"pfedsam": {"setting": {"lr": 3.0, "kd_weight": 0.3}}}, {"lr": 3.0, "kd_weight": 0.3}, True),
+        # ablations reuse pFedSAM's setting; one without KD does not take the KD weight
+        ("pfedsam-joint", {"pfedsam": {"setting": {"lr": 3.0, "kd_weight": 0.3}}}, {"lr": 3.0, "kd_weight": 0.3}, True),
+        ("pfedsam-nokd", {"pfedsam": {"setting": {"lr": 3.0, "kd_weight": 0.3}}}, {"lr": 3.0}, True),
+        ("fedrep", {"fedavg": {"setting": {"lr": 0.3}}}, {"lr": 0.3}, True),
+        ("centralized", {"fedavg": {"setting": {"lr": 0.3}}}, {"lr": 0.3}, True),
     ],
 )
-def test_main_table_rows(rows, expected_lines):
-    body = bench.table(_results(rows), "none", 0)[2:]
-    assert len(body) == len(expected_lines)
-    for line, expected in zip(body, expected_lines, strict=True):
-        assert line.startswith(expected)
+def test_chosen_setting(method, tuned, expected, from_search):
+    assert bench.chosen_setting(_results({}, tuned), method) == (expected, from_search)
 
 
-def test_seeds_table_gives_mean_and_sample_std():
-    rows = {f"pfedsam|none|seed{s}": _row(d, d) for s, d in enumerate([0.5, 0.6, 0.7])}
-    rows["fedavg|none|seed0"] = _row(0.3, 0.3)  # one seed only: not in the seeds table
-    lines = bench.seeds_table(_results(rows), "none")
-    assert len(lines) == 3
-    assert f"{np.mean([0.5, 0.6, 0.7]):.3f} +- {np.std([0.5, 0.6, 0.7], ddof=1):.3f}" in lines[2]
+# -- tables --------------------------------------------------------------------------------------------------
+def test_main_table_uses_the_chosen_setting_and_seeds():
+    runs = {f"pfedsam|none|seed{s}|lr=3": _run([d, d], [d, d]) for s, d in enumerate([0.5, 0.6, 0.7])}
+    runs["pfedsam|none|seed0|lr=1"] = _run([0.1], [0.1])  # a search run that was not chosen
+    runs["fedavg|none|seed0|lr=1"] = _run([0.3], [0.3])
+    results = _results(runs, {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}})
+    lines = bench.main_table(results)[2:]
+    assert lines[0].startswith("| fedavg | lr=1 (untuned) | 1 | 0.300 | 0.300 | **0.300 +- 0.000**")
+    m, sd = np.mean([0.5, 0.6, 0.7]), np.std([0.5, 0.6, 0.7], ddof=1)
+    assert lines[1].startswith(f"| pfedsam | lr=3 | 3 | {m:.3f} +- {sd:.3f} | {m:.3f} +- {sd:.3f} | "
+                               f"**{m:.3f} +- {sd:.3f}**")
 
 
-def test_results_of_another_budget_are_refused(tmp_path):
+def test_interval_table_reads_ahead_only_when_the_interval_excludes_zero():
+    runs = {"pfedsam|none|seed0|lr=1": _run([0.8, 0.9, 0.8, 0.9], [0.7, 0.8, 0.7, 0.8]),
+            "fedavg|none|seed0|lr=1": _run([0.5, 0.6, 0.5, 0.6], [0.5, 0.6, 0.5, 0.6]),
+            "ditto|none|seed0|lr=1": _run([0.9, 0.8, 0.8, 0.9], [0.8, 0.7, 0.7, 0.8])}
+    lines = bench.interval_table(_results(runs))[2:]
+    by_method = {line.split("|")[1].strip(): line for line in lines}
+    assert "| ahead |" in by_method["fedavg"] and "+0.250" in by_method["fedavg"]
+    assert "| no difference shown |" in by_method["ditto"]
+
+
+def test_errors_are_listed_not_averaged():
+    runs = {"pfedsam|none|seed0|lr=1": {"error": "RuntimeError: boom", "wall_s": 1.0}}
+    results = _results(runs)
+    assert bench.main_table(results)[2:] == []
+    assert any("error: RuntimeError: boom" in line for line in bench.budget_table(results))
+
+
+def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
     args = bench.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path)])
     stored = _results({})
     stored["budget"] = {**bench.budget(args), "rounds": "99"}
@@ -64,8 +148,8 @@ def test_results_of_another_budget_are_refused(tmp_path):
         bench.load_results(args, SITES)
     stored["budget"] = bench.budget(args)
     (tmp_path / "results.json").write_text(json.dumps(stored))
-    assert bench.load_results(args, SITES)["rows"] == {}
-    del stored["protocol"]  # rows of the old loop (replayed batches, unequal budgets)
+    assert bench.load_results(args, SITES)["runs"] == {}
+    stored["protocol"] = 2  # model-resolution scores on the first 16 test images
     (tmp_path / "results.json").write_text(json.dumps(stored))
-    with pytest.raises(SystemExit, match="training protocol 1"):
+    with pytest.raises(SystemExit, match="protocol 2"):
         bench.load_results(args, SITES)

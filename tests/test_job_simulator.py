@@ -122,6 +122,37 @@ def test_report_does_not_depend_on_simulator_threads(tiny_run, tmp_path):
     assert one["job"]["steps_per_site"] == two["job"]["steps_per_site"] == 2 * (3 + 3) + 3
 
 
+def test_in_process_engine_reproduces_the_simulator(tiny_run, tmp_path):
+    """The benchmark's engine (all sites in one process) gives the simulator's numbers for the same job."""
+    import importlib.util
+
+    from pfedsam.jobs import read_job_config
+    from pfedsam.train import SiteTrainer
+
+    spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "engine.py")
+    engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine)
+    job, ws, _ = tiny_run
+    cfg = read_job_config(job)
+    fed = engine.federate(lambda s: SiteTrainer(cfg, s, workdir=tmp_path / s), ["site-1", "site-2"], log=lambda m: None)
+    report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
+    ours, theirs = {}, {}
+    for entry, mine in zip(report["rounds"], fed.rounds, strict=True):
+        for site, c in entry["sites"].items():
+            m = c["metrics"]
+            theirs[(entry["round"], site)] = (m["train_steps"], round(m["val_dice_personalized"], 4),
+                                              round(m["val_dice_global"], 4))
+            v = mine[site]["val"]
+            ours[(entry["round"], site)] = (mine[site]["steps"], round(v["personalized"]["dice"], 4),
+                                            round(v["global"]["dice"], 4))
+    for site, r in report["final"].items():
+        theirs[("final", site)] = (round(r["personalized"]["dice"], 4), round(r["global"]["dice"], 4))
+        v = fed.final[site]["val"]
+        ours[("final", site)] = (round(v["personalized"]["dice"], 4), round(v["global"]["dice"], 4))
+    assert ours == theirs
+    assert fed.rejected == []
+
+
 def test_tensorboard_events_written(tiny_run):
     _, ws, _ = tiny_run
     events = list((ws / "server" / "simulate_job" / "tb_events").rglob("events.out.tfevents.*"))

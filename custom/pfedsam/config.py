@@ -106,7 +106,9 @@ class TrainConfig:
         LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout:
         the same parameters and arithmetic, about half the step time on a CPU; false = the
         segment_anything convolution path.
-      num_threads (int): torch CPU threads (0 = torch default).
+      num_threads (int): torch CPU threads; 0 = automatic: the cores this process may use, shared
+        among the pfedsam site processes running on the host (two simulator clients on 2 cores
+        get 1 thread each; a site alone on its host gets every core).
       seed (int): seeds model init, sampling and augmentation.
     """
 
@@ -255,6 +257,10 @@ class PFedSAMConfig:
       image_size (int): model input side; 0 = the backbone's native size.
       prompt (str): ``none`` (automatic segmentation) or ``box``.
       decoder (str): ``full`` | ``lora`` | ``frozen`` training of the mask decoder.
+      decoder_head (str): ``global`` (default) or ``local``: the decoder's mask head (output
+        upscaling and the mask token's hypernetwork MLP, which turn the shared transformer's
+        output into the mask) becomes a local parameter, trained in the local phase and never
+        sent (the FedRep-style baseline: shared body, personal head). Needs ``decoder: full``.
     """
 
     backbone: str = "litemedsam"
@@ -262,6 +268,7 @@ class PFedSAMConfig:
     image_size: int = 0
     prompt: str = "none"
     decoder: str = "full"
+    decoder_head: str = "global"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     lmoe: LMoEConfig = field(default_factory=LMoEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -277,6 +284,7 @@ _CHOICES = {
     "backbone": ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny"),
     "prompt": ("none", "box"),
     "decoder": ("full", "lora", "frozen"),
+    "decoder_head": ("global", "local"),
     "lmoe.routing": ("image", "token"),
     "lmoe.placement": ("neck", "blocks"),
     "train.schedule": ("decoupled", "joint"),
@@ -430,9 +438,13 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.train.schedule == "joint" and (not cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
         raise ConfigError(f"{where}: 'train.schedule: joint' trains the global part and the L-MoE together; "
                           "it needs 'lmoe.num_experts' > 0 and a mode other than ditto")
-    if cfg.federation.final_finetune and (cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
+    if cfg.decoder_head == "local" and (cfg.decoder != "full" or cfg.federation.mode == "ditto"):
+        raise ConfigError(f"{where}: 'decoder_head: local' makes the mask head of a fully trained decoder "
+                          "personal; it needs 'decoder: full' and a mode other than ditto")
+    if cfg.federation.final_finetune and (cfg.lmoe.num_experts or cfg.federation.mode == "ditto"
+                                          or cfg.decoder_head == "local"):
         raise ConfigError(f"{where}: 'federation.final_finetune' is for a model without a personal part "
-                          "('lmoe.num_experts: 0', mode not ditto); the L-MoE or Ditto's copy is personalized instead")
+                          "('lmoe.num_experts: 0', 'decoder_head: global', mode not ditto); the L-MoE or Ditto's copy is personalized instead")
     if cfg.federation.start_round and not cfg.federation.resume_from:
         raise ConfigError(f"{where}: 'federation.start_round' > 0 continues an earlier job: set "
                           "'federation.resume_from' too")

@@ -59,7 +59,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fedprox": {"federation": {"mode": "fedavg"}, "lmoe": {"num_experts": 0},
                 "train": {"kd_weight": 0.0, "prox_mu": 0.01}},
     "ditto": {"federation": {"mode": "ditto"}, "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0}},
-    "local": {"federation": {"mode": "local"}},
+    "local": {"federation": {"mode": "local"}},  # each site alone, with its L-MoE (pFedSAM's schedule)
+    "local-plain": {"federation": {"mode": "local"}, "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0}},
+    # FedRep-style: shared body (LoRA + decoder transformer), personal head (see decoder_head)
+    "fedrep": {"decoder_head": "local", "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0}},
     "pfedsam-nokd": {"train": {"kd_weight": 0.0}},
     # without experts the personalized model is the global model: nothing to distil into, so KD is off too
     "pfedsam-nolmoe": {"lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0}},

@@ -139,6 +139,9 @@ class PFedSAM(nn.Module):
             rules.append(("mask_decoder.iou_prediction_head", ParamKind.FROZEN))
             rules += [(f"mask_decoder.output_hypernetworks_mlps.{i}", ParamKind.FROZEN)
                       for i in range(1, self.mask_decoder.num_mask_tokens)]
+            if cfg.decoder_head == "local":  # FedRep-style: the mask head stays at the site
+                rules += [("mask_decoder.output_upscaling", ParamKind.LOCAL),
+                          ("mask_decoder.output_hypernetworks_mlps.0", ParamKind.LOCAL)]
         elif cfg.decoder == "lora":
             for mod_name, module in list(self.mask_decoder.named_modules()):
                 if hasattr(module, "q_proj") and hasattr(module, "v_proj"):
@@ -181,6 +184,11 @@ class PFedSAM(nn.Module):
     @property
     def has_experts(self) -> bool:
         return len(self.lmoe) > 0
+
+    @property
+    def has_local(self) -> bool:
+        """True when the site has a personal part (L-MoE experts and/or a local mask head)."""
+        return bool(self.registry.names(ParamKind.LOCAL))
 
     @property
     def prefix_is_embedding(self) -> bool:

@@ -62,10 +62,11 @@ class StepPlan:
 
 
 def personal_phase(cfg: PFedSAMConfig) -> str | None:
-    """The phase that trains the site's personal part: ``local`` (L-MoE), ``personal`` (Ditto), or None."""
+    """The phase that trains the site's personal part: ``local`` (L-MoE or FedRep's head), ``personal``
+    (Ditto), or None."""
     if cfg.federation.mode == "ditto":
         return "personal"
-    return "local" if cfg.lmoe.num_experts > 0 else None
+    return "local" if cfg.lmoe.num_experts > 0 or cfg.decoder_head == "local" else None
 
 
 def plan_steps(cfg: PFedSAMConfig) -> StepPlan:

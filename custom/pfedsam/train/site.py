@@ -35,6 +35,7 @@ from .cache import FeatureCache, default_cache_dir
 from .encoder_runtime import OnnxPrefixEncoder, bf16_autocast, onnx_path, resolve_runtime
 from .losses import distillation_loss, proximal_term, segmentation_loss
 from .metrics import image_metrics, summarize
+from .threads import apply_site_threads
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class SiteTrainer:
         self.site_dir = Path(site_dir) if site_dir is not None else resolve_site_dir(cfg, site_name)
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="pfedsam-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+        threads = apply_site_threads(cfg.train.num_threads)
+        log.info(f"{site_name}: {threads} torch thread(s) (train.num_threads: {cfg.train.num_threads or 'auto'})")
         self.device = select_device(cfg.train.device)
         self.model = build_pfedsam(cfg).to(self.device)
         self.registry = self.model.registry
@@ -370,6 +371,8 @@ class SiteTrainer:
         abort: Callable[[], bool] | None, stream: Stream | None = None,
     ) -> dict[str, float]:
         self._open_stream(stream or Stream(phase))
+        if self.device.type == "cpu":
+            apply_site_threads(self.cfg.train.num_threads)  # other site processes may have started or ended
         self.registry.set_trainable(self.model, trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if steps <= 0 or not params:
@@ -422,8 +425,8 @@ class SiteTrainer:
 
     def run_local_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None,
                         stream: Stream | None = None) -> dict:
-        """Personalize: train only the L-MoE, distilling from the (frozen) global model."""
-        if not self.model.has_experts:
+        """Personalize: train only the local part (L-MoE, or FedRep's head), distilling from the global model."""
+        if not self.model.has_local:
             return {"steps": 0, "images": 0, "loss": float("nan"), "seconds": 0.0}
         n = self.cfg.train.local_steps if steps is None else steps
         return self._run("local", n, {ParamKind.LOCAL}, self.local_loss, abort, stream)

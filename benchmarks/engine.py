@@ -1,0 +1,143 @@
+"""A whole federation in one process, with the FLARE job's round, final task and aggregation rules.
+
+The benchmark's rows need every site's per-image test scores and many runs on two cores;
+starting a FLARE simulator per run costs process start-up, a model load per task and a cache
+reload per site, and its results carry only scalars. This engine runs exactly what the job
+runs, in one process: each site is a ``SiteTrainer`` kept alive between rounds (as in POC and
+production), a round is ``run_round``, the final task ``run_final``, and the server's step is
+the aggregator's own functions from ``pfedsam.flare.aggregation`` (validation, the update-norm
+bound, ``robust_combine`` weighted by ``federation.weighting``).
+``tests/test_engine.py`` checks that it reproduces the simulator's report of the tiny job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pfedsam.config import PFedSAMConfig
+from pfedsam.flare.aggregation import check_contribution, outlying_updates, robust_combine, update_norm
+from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round
+
+
+@dataclass
+class Federation:
+    """The result of one in-process run.
+
+    Arguments:
+      trainers (dict): site -> its SiteTrainer after the final personalization (model = G(T) + its
+        personal part; Ditto's personal copy in ``personal``).
+      personal (dict): site -> Ditto's personal copy (None for other methods).
+      global_state (dict): G(T), the model every site received last.
+      rounds (list): per round, site -> {"val": {personalized, global}, "steps", "images", "seconds"}.
+      final (dict): site -> {"val": scores of ``final_split``, "steps", "seconds"}.
+      rejected (list): (round, site, reason) of contributions the aggregation rules refused.
+    """
+
+    trainers: dict[str, SiteTrainer]
+    personal: dict[str, dict | None]
+    global_state: dict[str, np.ndarray]
+    rounds: list[dict] = field(default_factory=list)
+    final: dict[str, dict] = field(default_factory=dict)
+    rejected: list[tuple[int, str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def site_weight(trainer: SiteTrainer, steps: int) -> float:
+    """The aggregation weight a site's result claims under ``federation.weighting`` (as the aggregator)."""
+    how = trainer.cfg.federation.weighting
+    return 1.0 if how == "uniform" else float(steps if how == "steps" else trainer.num_train_images)
+
+
+def aggregate(contributions: dict[str, tuple[dict, float]], reference: dict, cfg: PFedSAMConfig, local_names: set,
+              rnd: int, last_median: float | None) -> tuple[dict, list[tuple[int, str, str]], float | None]:
+    """The server's step: refuse invalid or outlying contributions, combine the rest (PFedSAMAggregator's rules).
+
+    Returns (new global state, rejections, median accepted update norm).
+    """
+    fed = cfg.federation
+    rejected, kept = [], {}
+    for site, (weights, w) in contributions.items():
+        reason = check_contribution(weights, reference, local_names, rnd, rnd, 1)
+        if reason:
+            rejected.append((rnd, site, reason))
+        else:
+            kept[site] = (weights, w)
+    norms = {s: update_norm(w, reference) for s, (w, _) in kept.items()}
+    for site, reason in outlying_updates(norms, fed.max_update_ratio, last_median).items():
+        rejected.append((rnd, site, reason))
+        del kept[site]
+    if len(kept) < fed.min_clients:
+        raise RuntimeError(f"round {rnd}: only {len(kept)} contribution(s) accepted, federation.min_clients is "
+                           f"{fed.min_clients}: {rejected}")
+    median = float(np.median([norms[s] for s in kept])) if kept else last_median
+    return robust_combine(list(kept.values()), fed.aggregation, fed.trim_fraction), rejected, median
+
+
+def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final_split: str = "test",
+             log: Callable[[str], None] = print) -> Federation:
+    """Run every round and the final personalization of one job at all ``sites``, in this process.
+
+    Arguments:
+      make_trainer: site -> its SiteTrainer (settings, data folder, work folder).
+      sites: the participating sites, in a fixed order.
+      final_split: the split ``run_final`` scores (``test``; ``val`` when choosing settings).
+      log: where progress lines go.
+    """
+    start = time.perf_counter()
+    trainers = {s: make_trainer(s) for s in sites}
+    for s, t in trainers.items():
+        fill = t.warm_cache()
+        if fill["computed"]:
+            log(f"{s}: cache filled, {fill['computed']} images in {fill['seconds']:.0f} s")
+    cfg = trainers[sites[0]].cfg
+    if cfg.federation.compression != "none":
+        raise ValueError("the in-process engine sends weights uncompressed; use federation.compression: none")
+    mode = cfg.federation.mode
+    glob = trainers[sites[0]].get_global_state()  # G(0): every site builds the same model from the seed
+    own = {s: None for s in sites}  # mode 'local': each site's own copy of the global part
+    personal: dict[str, dict | None] = {s: None for s in sites}
+    out = Federation(trainers, personal, glob)
+    local_names = set(trainers[sites[0]].local_names())
+    last_median = None
+    for rnd in range(cfg.federation.rounds):
+        contributions, entry = {}, {}
+        for s, t in trainers.items():
+            t.set_global_state(own[s] if own[s] is not None else glob)
+            res = run_round(t, rnd, personal[s])
+            personal[s] = res.personal
+            weights = t.get_global_state()
+            if mode == "local":
+                own[s] = weights
+            contributions[s] = (weights, site_weight(t, res.global_steps))
+            entry[s] = {"val": res.val, "steps": res.steps, "images": res.images, "seconds": res.seconds,
+                        "busy_s": sum(p["seconds"] for p in res.phases.values())}
+        out.rounds.append(entry)
+        if mode != "local":  # the server's average is ignored by local-only sites: skip computing it
+            glob, rejected, last_median = aggregate(contributions, glob, cfg, local_names, rnd, last_median)
+            out.rejected += rejected
+        mean = np.mean([e["val"]["personalized"]["dice"] for e in entry.values()])
+        log(f"round {rnd}: mean val Dice personalized {mean:.4f} ({time.perf_counter() - start:.0f} s)")
+    for s, t in trainers.items():
+        t.set_global_state(own[s] if own[s] is not None else glob)
+        res = run_final(t, personal[s], split=final_split)
+        personal[s] = res.personal
+        out.final[s] = {"val": res.val, "steps": res.steps, "seconds": res.seconds}
+    out.global_state, out.seconds = glob, time.perf_counter() - start
+    return out
+
+
+def steps_per_site(cfg: PFedSAMConfig) -> dict:
+    """The planned budget of one site (the same for every method; see plan_steps)."""
+    plan = plan_steps(cfg)
+    return {"steps_per_site": plan.total_steps, "images_per_site": plan.total_images}
+
+
+def work_dir(root: Path, tag: str) -> Path:
+    path = root / "work" / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
