@@ -343,7 +343,8 @@ def _train_result(facts, extra_weights=None, metrics=None):
 def _final_result(extra=None):
     from nvflare.apis.dxo import DXO, DataKind
 
-    stats = {"n": 3.0, "n_empty": 0.0, "dice": 0.5, "hd95": 4.0}
+    # what SiteTrainer.evaluate reports; empty_fp is NaN at a site without frames lacking a polyp
+    stats = {"n": 3.0, "n_empty": 0.0, "dice": 0.5, "hd95": 4.0, "n_fg": 3.0, "dice_fg": 0.5, "empty_fp": float("nan")}
     return DXO(DataKind.METRICS, {"global": stats, "personalized": dict(stats), "export": "none", **(extra or {})}
                ).to_shareable()
 

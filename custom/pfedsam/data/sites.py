@@ -434,6 +434,19 @@ class SiteDataset(torch.utils.data.Dataset):
         image, _ = self._arrays(index)
         return preprocess_image(image, self.image_size, self.normalization)[0]
 
+    def original_mask(self, index: int) -> np.ndarray:
+        """The foreground at the resolution stored on disk, ``H x W`` bool (the site's mask convention).
+
+        Reads only the mask file when the arrays are not held in memory.
+
+        Arguments:
+          index: position in ``ids``.
+        """
+        i = self.ids[index]
+        if i in self._cache:
+            return self._cache[i][1].astype(bool)
+        return _foreground(_read_mask(self._paths[i][1]), self.mask_convention).astype(bool)
+
     def plain_sample(self, index: int) -> dict:
         """The sample ``__getitem__`` gives with ``augment=False`` (deterministic).
 

@@ -31,7 +31,9 @@ ROUND_METRICS: dict[str, type] = {
     **{f"{phase}_{stat}": float for phase in _PHASES for stat in _PHASE_STATS},
 }
 FINAL_MODELS = ("global", "personalized")  # final result: {model: {stat: number}} + the export status
-FINAL_STATS: dict[str, type] = {"n": float, "n_empty": float, "dice": float, "hd95": float}
+# summarize()'s keys; any number passes, NaN included (empty_fp of a site without empty frames, hd95 off)
+FINAL_STATS: dict[str, type] = {"n": float, "n_empty": float, "dice": float, "hd95": float, "n_fg": float,
+                                "dice_fg": float, "empty_fp": float}
 FINAL_STATUS: dict[str, tuple[str, ...]] = {"export": ("onnx", "none", "failed")}
 FINAL_NUMBERS: dict[str, type] = {"final_steps": float}
 TB_TAGS = frozenset(ROUND_METRICS) | {f"test_dice_{m}" for m in FINAL_MODELS}  # scalars sent to TensorBoard

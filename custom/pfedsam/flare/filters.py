@@ -153,8 +153,9 @@ class GlobalOnlyFilter(DXOFilter):
 class MetricsOnlyFilter(DXOFilter):
     """Client side, on the way out of the final task: the allow-listed test metrics only.
 
-    The final evaluation reports ``{global|personalized: {n, n_empty, dice, hd95}, export:
-    onnx|none|failed}`` (FINAL_* in common.py); the model, its path and error details stay at the
+    The final evaluation reports ``{global|personalized: {n, n_empty, dice, hd95, n_fg, dice_fg,
+    empty_fp}, export: onnx|none|failed}`` (FINAL_* in common.py; scalars only, never per-image
+    lists); the model, its path and error details stay at the
     site (they are in the site's log). Any other name, type or word blocks the result.
     """
 

@@ -1,11 +1,23 @@
-"""Per-image Dice and HD95 (MONAI), with an explicit rule for empty masks.
+"""Per-image Dice and HD95 (MONAI), with an explicit rule for empty masks, and their summary.
 
-Metrics are computed at the model's input resolution (longest side S) inside the valid,
-un-padded region of each image. Empty masks are real (frames without a polyp):
+Resolution (``eval.resolution``): ``original`` (default, the test split) scores each image at
+the size it is stored on disk, as published numbers do: the model's ``S x S`` logits are
+cropped to the valid (un-padded) region, resized bilinearly to the original ``H x W``, then
+thresholded (``sigmoid > eval.threshold``) and compared with the mask read from disk under the
+site's mask convention; HD95 is in original pixels. ``model`` scores at the model's input
+resolution inside the valid region (the per-round validation does this unless
+``eval.resolution_val``). Padding never counts in either.
+
+Empty masks are real (frames without a polyp):
 - truth and prediction both empty: Dice 1 and HD95 0 (``empty_dice: one``) or the image is
   left out of the means (``empty_dice: skip``);
-- exactly one of them empty: Dice 0 and HD95 = the diagonal of the valid region (the
-  largest possible distance), so a missed or hallucinated object is never free.
+- exactly one of them empty: Dice 0 and HD95 = the diagonal of the scored region (the
+  original image, or the valid region at model resolution), so a missed or hallucinated
+  object is never free.
+
+``summarize`` also reports ``dice_fg`` (mean Dice over images whose truth is non-empty),
+``n_fg`` and ``empty_fp`` (share of truth-empty images with a non-empty prediction; NaN
+when there are none).
 """
 
 from __future__ import annotations
@@ -15,7 +27,10 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.metrics import compute_dice, compute_hausdorff_distance
+
+RESOLUTIONS = ("original", "model")
 
 
 def image_metrics(
@@ -28,13 +43,14 @@ def image_metrics(
       truth: same shape, binary truth.
       valid_hw: (h, w) of the un-padded region; pixels outside it are ignored.
       hd95: also compute the 95th-percentile Hausdorff distance (pixels).
-    Returns ``{"dice", "hd95", "empty"}`` where ``empty`` is 1.0 when both masks are empty.
+    Returns ``{"dice", "hd95", "empty", "truth_empty", "pred_empty"}``: ``empty`` is 1.0 when both
+    masks are empty, ``truth_empty`` / ``pred_empty`` 1.0 when that mask is (all 0.0 otherwise).
     """
     h, w = int(valid_hw[0]), int(valid_hw[1])
     p = pred.reshape(pred.shape[-2:])[:h, :w].float()[None, None]
     t = truth.reshape(truth.shape[-2:])[:h, :w].float()[None, None]
     p_any, t_any = bool(p.any()), bool(t.any())
-    out = {"empty": float(not p_any and not t_any)}
+    out = {"empty": float(not p_any and not t_any), "truth_empty": float(not t_any), "pred_empty": float(not p_any)}
     out["dice"] = float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0])
     if hd95:
         if p_any and t_any:
@@ -46,11 +62,69 @@ def image_metrics(
     return out
 
 
+def prediction_at_original(
+    logits: torch.Tensor, valid_hw: tuple[int, int], orig_hw: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
+    """The binary prediction at the image's original resolution.
+
+    The logits are cropped to the valid region (padding dropped), resized bilinearly
+    (``align_corners=False``, as SAM's ``postprocess_masks``) to ``orig_hw``, then thresholded.
+
+    Arguments:
+      logits: ``(1, S, S)`` or ``(S, S)`` logits at model resolution, padded bottom/right.
+      valid_hw: (h, w) of the un-padded region.
+      orig_hw: (H, W) of the image as stored on disk.
+      threshold: probability threshold (``sigmoid(logit) > threshold``).
+    Returns a ``(H, W)`` bool tensor on the logits' device.
+    """
+    h, w = int(valid_hw[0]), int(valid_hw[1])
+    size = (int(orig_hw[0]), int(orig_hw[1]))
+    x = logits.reshape(logits.shape[-2:])[:h, :w].float()[None, None]
+    if (h, w) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(x[0, 0]) > threshold
+
+
+def original_image_metrics(
+    logits: torch.Tensor, valid_hw: tuple[int, int], truth: torch.Tensor | np.ndarray, threshold: float = 0.5,
+    hd95: bool = True,
+) -> dict[str, float]:
+    """``image_metrics`` at the original resolution: the prediction resized back to the truth's ``H x W``.
+
+    Arguments:
+      logits: ``(1, S, S)`` or ``(S, S)`` model logits (padded).
+      valid_hw: (h, w) of the un-padded region of the logits.
+      truth: ``(H, W)`` binary truth as stored on disk (bool or {0, 1}).
+      threshold: probability threshold.
+      hd95: also compute HD95 (original pixels; the image diagonal when exactly one mask is empty).
+    """
+    t = torch.as_tensor(truth)
+    hw = (int(t.shape[-2]), int(t.shape[-1]))
+    pred = prediction_at_original(logits, valid_hw, hw, threshold).cpu()
+    return image_metrics(pred, t.reshape(hw), hw, hd95)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summarize(rows: list[dict[str, float]], empty_dice: str = "one") -> dict[str, float]:
-    """Mean Dice / HD95 over images; ``empty_dice='skip'`` leaves both-empty images out."""
+    """Mean Dice / HD95 over images, and the empty-frame statistics.
+
+    Arguments:
+      rows: ``image_metrics`` results, one per image.
+      empty_dice: ``one`` keeps both-empty images (Dice 1, HD95 0), ``skip`` leaves them out of
+        ``n``, ``dice`` and ``hd95``.
+    Returns ``n`` (images in the means), ``n_empty`` (both empty), ``dice``, ``hd95``, ``n_fg``
+    (images whose truth is non-empty), ``dice_fg`` (their mean Dice) and ``empty_fp`` (share of
+    truth-empty images with a non-empty prediction; NaN when there are none). Missing values are NaN.
+    """
     kept = [r for r in rows if not (empty_dice == "skip" and r["empty"])]
     out: dict[str, float] = {"n": float(len(kept)), "n_empty": float(sum(r["empty"] for r in rows))}
     for key in ("dice", "hd95"):
-        values = [r[key] for r in kept if key in r]
-        out[key] = float(np.mean(values)) if values else float("nan")
+        out[key] = _mean([r[key] for r in kept if key in r])
+    fg = [r for r in rows if not r["truth_empty"]]
+    out["n_fg"] = float(len(fg))
+    out["dice_fg"] = _mean([r["dice"] for r in fg])
+    out["empty_fp"] = _mean([1.0 - r["pred_empty"] for r in rows if r["truth_empty"]])
     return out

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from ..model.checkpoint import atomic_torch_save, non_finite, save_site_model
 from .cache import FeatureCache, default_cache_dir
 from .encoder_runtime import OnnxPrefixEncoder, bf16_autocast, onnx_path, resolve_runtime
 from .losses import distillation_loss, proximal_term, segmentation_loss
-from .metrics import image_metrics, summarize
+from .metrics import image_metrics, original_image_metrics, summarize
 from .threads import apply_site_threads
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,11 @@ def select_device(name: str) -> torch.device:
 
 
 class _Split:
-    """A split's samples held without augmentation: cache keys, masks, boxes, valid regions."""
+    """A split's samples held without augmentation: cache keys, masks, boxes, valid regions.
+
+    The masks at the original resolution (for ``eval.resolution: original``) are read on first
+    use and then kept, as bool arrays.
+    """
 
     def __init__(self, dataset: SiteDataset, cache: FeatureCache) -> None:
         self.dataset = dataset
@@ -94,6 +99,17 @@ class _Split:
         self.masks = torch.stack(masks) if masks else torch.zeros(0)
         self.boxes = torch.stack(boxes) if boxes else torch.zeros(0, 4)
         self.valid = torch.stack(valid) if valid else torch.zeros(0, 2, dtype=torch.long)
+        self._originals: dict[int, np.ndarray] = {}
+
+    @property
+    def ids(self) -> list[str]:
+        return self.dataset.ids
+
+    def original_mask(self, i: int) -> np.ndarray:
+        """The truth of image ``i`` as stored on disk, ``H x W`` bool (read once, then kept)."""
+        if i not in self._originals:
+            self._originals[i] = self.dataset.original_mask(i)
+        return self._originals[i]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -514,10 +530,21 @@ class SiteTrainer:
             return self.model.forward_from_prefix(feats, boxes, use_experts=(which == "personalized")).float()
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val", which: str = "personalized") -> dict[str, float]:
-        """Mean Dice / HD95 of the personalized (experts on) or global (experts off) model.
+    def evaluate(self, split: str = "val", which: str = "personalized", per_image: bool = False) -> dict[str, Any]:
+        """Dice / HD95 of the personalized (experts on) or global (experts off) model on a split.
 
-        HD95 on the validation split only with ``eval.hd95_val`` (it is the per-round evaluation).
+        Scored at the original resolution with ``eval.resolution: original`` (the validation split
+        only with ``eval.resolution_val``), else at model resolution; HD95 on the validation
+        split only with ``eval.hd95_val`` (it is the per-round evaluation).
+
+        Arguments:
+          split: ``train``, ``val`` or ``test``.
+          which: ``personalized`` or ``global``.
+          per_image: also return ``images``: ``[{"id", "dice", "hd95", "truth_empty", "pred_empty"}]``
+            in split order (local analysis only; never sent over FLARE, whose final result
+            allows scalars only).
+        Returns the ``summarize`` keys (``n``, ``n_empty``, ``dice``, ``hd95``, ``n_fg``, ``dice_fg``,
+        ``empty_fp``), plus ``images`` with ``per_image``.
         """
         if which not in ("personalized", "global"):
             raise ValueError(f"which must be 'personalized' or 'global', got {which!r}")
@@ -525,11 +552,24 @@ class SiteTrainer:
         self.model.eval()
         rows = []
         bs = self.cfg.train.batch_size
-        hd95 = self.cfg.eval.hd95 and (split != "val" or self.cfg.eval.hd95_val)
+        ev = self.cfg.eval
+        hd95 = ev.hd95 and (split != "val" or ev.hd95_val)
+        original = ev.resolution == "original" and (split != "val" or ev.resolution_val)
         for start in range(0, len(s), bs):
             idx = list(range(start, min(start + bs, len(s))))
-            probs = torch.sigmoid(self.predict_logits(split, idx, which)).cpu()
+            logits = self.predict_logits(split, idx, which)
+            if original:
+                for j, i in enumerate(idx):
+                    valid = tuple(s.valid[i].tolist())
+                    rows.append(original_image_metrics(logits[j], valid, s.original_mask(i), ev.threshold, hd95))
+                continue
+            probs = torch.sigmoid(logits).cpu()
             for j, i in enumerate(idx):
-                pred = probs[j, 0] > self.cfg.eval.threshold
+                pred = probs[j, 0] > ev.threshold
                 rows.append(image_metrics(pred, s.masks[i, 0], tuple(s.valid[i].tolist()), hd95))
-        return summarize(rows, self.cfg.eval.empty_dice)
+        out: dict[str, Any] = summarize(rows, ev.empty_dice)
+        if per_image:
+            out["images"] = [{"id": s.ids[i], "dice": r["dice"], "hd95": r.get("hd95", float("nan")),
+                              "truth_empty": bool(r["truth_empty"]), "pred_empty": bool(r["pred_empty"])}
+                             for i, r in enumerate(rows)]
+        return out
