@@ -93,8 +93,8 @@ def settings(args: argparse.Namespace, seed: int, prompt: str) -> dict:
     return {
         "backbone": args.backbone, "checkpoint": args.checkpoint, "image_size": args.image_size,
         "data": {"root": str(args.data_root), "max_train": args.max_train, "max_eval": args.max_eval, "sites": {}},
-        "train": {"cache": "disk", "cache_dir": str(args.out / "feature_cache"), "local_steps": args.local_steps,
-                  "global_steps": args.global_steps, "final_steps": args.final_steps,
+        "train": {"cache": "disk", "cache_dir": str(args.cache_dir or args.out / "feature_cache"),
+                  "local_steps": args.local_steps, "global_steps": args.global_steps, "final_steps": args.final_steps,
                   "batch_size": args.batch_size, "seed": seed, "device": args.device,
                   "num_threads": os.cpu_count() or 1},  # sites run one after another: all cores
         "federation": {"rounds": args.rounds, "min_clients": 1, "export_format": "none", "wait_after_min_s": 0},
@@ -122,6 +122,14 @@ def search_grid(method: str, best_lr: float | None = None) -> list[dict]:
         return [{"lr": s} for s in LR_SCALES]
     knob = KNOBS.get(method)
     return [] if knob is None else [{"lr": best_lr, knob[0]: v} for v in knob[1]]
+
+
+def best_setting(tried: dict[str, tuple[float, dict]]) -> tuple[float, dict]:
+    """The (val Dice, setting) with the best validation Dice; a tie goes to the one nearest the defaults."""
+    def nearness(setting: dict) -> float:
+        return -abs(np.log(setting["lr"])) - (len(setting) - 1)  # lr scale 1 and no knob change are nearest
+
+    return max(tried.values(), key=lambda v: (v[0], nearness(v[1])))
 
 
 def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
@@ -222,7 +230,7 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
                         src = next((args.data_root / site / sub).glob(f"{i}.*"))
                         os.symlink(src, pooled / sub / f"{site}__{src.name}")
                     split[name].append(f"{site}__{i}")
-        split["test"] = [split["val"][-1]]  # unused: the per-site test splits are scored below
+        split["test"] = [split["val"].pop()]  # unused (a split may not be empty): each centre's test split is scored
         (pooled / "split.json").write_text(json.dumps(split))
         n = len(sites)  # the pooled model gets the steps of all sites together
         cfg = make_config("fedavg", args, seed, prompt, setting,
@@ -355,7 +363,7 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
         other = [float(np.nanmean([_site_mean(r, k, sites) for r in runs])) for k in ("dice_fg", "empty_fp", "hd95")]
         glob = [_site_mean(r, "dice", sites, "global") for r in runs if all(r["per_site"][s].get("global")
                                                                              for s in sites)]
-        label = tag_of(setting) + ("" if tuned or method == "zero-shot" else " (untuned)")
+        label = "-" if method == "zero-shot" else tag_of(setting) + ("" if tuned else " (untuned)")
         lines.append(f"| {method} | {label} | {len(runs)} | " + " | ".join(cells)
                      + f" | **{mean[0]:.3f} +- {mean[1]:.3f}** | {other[0]:.3f} | {_fmt(other[1], '.3f')} | "
                      + f"{other[2]:.1f} | {_fmt(float(np.mean(glob)) if glob else None, '.3f')} |")
@@ -394,7 +402,8 @@ def interval_table(results: dict, prompt: str = "none", reference: str = "pfedsa
 
 
 def search_table(results: dict) -> list[str]:
-    lines = ["| method | setting | val Dice (seed 0, mean over centres) | test Dice | chosen |", "|---|---|---|---|---|"]
+    lines = ["| method | setting | val Dice (seed 0, mean over centres) | test Dice | chosen |",
+             "|---|---|---|---|---|"]
     for method in ORDER:
         tuned = results.get("tuned", {}).get(method)
         for key, r in results["runs"].items():
@@ -413,7 +422,7 @@ def budget_table(results: dict) -> list[str]:
                                                                    if kr[0].split("|")[0] in ORDER else 99, kr[0])):
         m, p, s, tag = key.split("|")
         if "error" in r:
-            lines.append(f"| {m} | {tag} | {s} | error: {r['error']} ||||||")
+            lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | error: {r['error']} ||||||")
             continue
         mb = r.get("bytes_per_round_per_site")
         lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | {_fmt(r.get('steps_per_site'), '.0f')} | "
@@ -587,6 +596,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="val and test images per site (0 = all; anything else is for smoke runs only)")
     parser.add_argument("--prompt", default="none", choices=["none", "box"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="encoder feature cache (default: OUT/feature_cache; keyed by content, shareable)")
     parser.add_argument("--force", action="store_true", help="rerun runs already in results.json")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlays.png")
@@ -655,10 +666,11 @@ def main() -> None:
                 tried = {}
                 for setting in search_grid(method):
                     tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
-                best_lr = max(tried.values(), key=lambda v: v[0])[1]["lr"]
+                best_lr = best_setting(tried)[1]["lr"]
                 for setting in search_grid(method, best_lr):
                     tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
-                tag, (val, setting) = max(tried.items(), key=lambda kv: kv[1][0])
+                tag = tag_of(best_setting(tried)[1])
+                val, setting = tried[tag]
                 results["tuned"][method] = {"tag": tag, "setting": setting, "val_dice": val,
                                             "tried": {t: v for t, (v, _) in tried.items()}}
                 save()

@@ -72,7 +72,8 @@ def test_paired_difference_refuses_unpaired_scores():
 # -- settings and the search ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "setting,tag,lr_scale",
-    [({"lr": 1.0}, "lr=1", 1.0), ({"lr": 0.3}, "lr=0.3", 0.3), ({"lr": 3.0, "kd_weight": 0.3}, "lr=3,kd_weight=0.3", 3.0)],
+    [({"lr": 1.0}, "lr=1", 1.0), ({"lr": 0.3}, "lr=0.3", 0.3),
+     ({"lr": 3.0, "kd_weight": 0.3}, "lr=3,kd_weight=0.3", 3.0)],
 )
 def test_setting_tags_and_overrides(setting, tag, lr_scale):
     assert bench.tag_of(setting) == tag
@@ -153,3 +154,16 @@ def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match="protocol 2"):
         bench.load_results(args, SITES)
+
+
+@pytest.mark.parametrize(
+    "tried,expected",
+    [
+        ({"lr=0.3": (0.5, {"lr": 0.3}), "lr=1": (0.6, {"lr": 1.0}), "lr=3": (0.7, {"lr": 3.0})}, "lr=3"),
+        ({"lr=0.3": (0.5, {"lr": 0.3}), "lr=1": (0.5, {"lr": 1.0}), "lr=3": (0.5, {"lr": 3.0})}, "lr=1"),  # a tie
+        ({"lr=1": (0.6, {"lr": 1.0}), "lr=1,kd_weight=3": (0.6, {"lr": 1.0, "kd_weight": 3.0})}, "lr=1"),
+        ({"lr=1": (0.6, {"lr": 1.0}), "lr=1,kd_weight=3": (0.61, {"lr": 1.0, "kd_weight": 3.0})}, "lr=1,kd_weight=3"),
+    ],
+)
+def test_best_setting(tried, expected):
+    assert bench.tag_of(bench.best_setting(tried)[1]) == expected

@@ -453,7 +453,8 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.final_finetune and (cfg.lmoe.num_experts or cfg.federation.mode == "ditto"
                                           or cfg.decoder_head == "local"):
         raise ConfigError(f"{where}: 'federation.final_finetune' is for a model without a personal part "
-                          "('lmoe.num_experts: 0', 'decoder_head: global', mode not ditto); the L-MoE or Ditto's copy is personalized instead")
+                          "('lmoe.num_experts: 0', 'decoder_head: global', mode not ditto); the L-MoE or Ditto's copy "
+                          "is personalized instead")
     if cfg.federation.start_round and not cfg.federation.resume_from:
         raise ConfigError(f"{where}: 'federation.start_round' > 0 continues an earlier job: set "
                           "'federation.resume_from' too")
