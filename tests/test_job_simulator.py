@@ -131,6 +131,7 @@ def test_in_process_engine_reproduces_the_simulator(tiny_run, tmp_path):
 
     spec = importlib.util.spec_from_file_location("bench_engine", ROOT / "benchmarks" / "engine.py")
     engine = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = engine  # its dataclasses look their module up there
     spec.loader.exec_module(engine)
     job, ws, _ = tiny_run
     cfg = read_job_config(job)
