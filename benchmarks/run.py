@@ -398,7 +398,7 @@ def interval_table(results: dict, prompt: str = "none", reference: str = "pfedsa
         lines.append(f"| {method} | {n_ref} / {len(main_runs(results, method, prompt))} | "
                      f"**{overall['diff']:+.3f} [{overall['lo']:+.3f}, {overall['hi']:+.3f}]** | "
                      f"{verdict(overall)} | " + " | ".join(cells) + " |")
-    return lines
+    return lines if len(lines) > 2 else []
 
 
 def search_table(results: dict) -> list[str]:
