@@ -633,6 +633,7 @@ def main() -> None:
         tmp.write_text(json.dumps(results, indent=1, default=float))
         tmp.replace(args.out / "results.json")  # never a half-written file
         (args.out / "results.md").write_text(markdown(results))
+        plots(results, args.out)  # a long benchmark shows its curves as runs land
 
     def run(method: str, seed: int, setting: dict, search: bool = False) -> dict:
         prompt = "box" if method == "zero-shot" else args.prompt
@@ -690,7 +691,6 @@ def main() -> None:
             save()
             print(f"unseen {centre}: done", flush=True)
     save()
-    plots(results, args.out)
     if not args.no_overlays:
         overlays(results, args)
     print(markdown(results))

@@ -67,6 +67,10 @@ def test_every_variant_spends_the_same_budget(variant):
          [{"personal": 2, "global": 3}] * 3, {"personal": 2}),
         (["train.schedule=joint"], [{"joint": 5}] * 3, {"local": 2}),
         (["federation.mode=local"], [{"local": 2, "global": 3}] * 3, {"local": 2}),
+        (["federation.mode=local", "lmoe.num_experts=0", "train.kd_weight=0"],  # plain local
+         [{"global": 5}, {"global": 5}, {"global": 7}], {}),
+        (["decoder_head=local", "lmoe.num_experts=0", "train.kd_weight=0"],  # FedRep: the head is personal
+         [{"local": 2, "global": 3}] * 3, {"local": 2}),
     ],
 )
 def test_plan_phases(overrides, rounds, final):
@@ -183,3 +187,32 @@ def test_phases_are_run_only_by_the_round_functions():
     for user in ("custom/pfedsam/flare/executor.py", "custom/pfedsam/cli.py", "benchmarks/run.py"):
         text = (ROOT / user).read_text()
         assert "run_round(" in text and "run_final(" in text, user
+
+
+# -- FedRep: shared body, personal head --------------------------------------------------------------------
+def test_fedrep_trains_the_head_locally_and_the_body_globally(tmp_path, site):
+    trainer = _trainer(tmp_path, site, "decoder_head=local", "lmoe.num_experts=0", "train.kd_weight=0")
+    local = trainer.local_names()
+    assert local and all(n.startswith(("mask_decoder.output_upscaling", "mask_decoder.output_hypernetworks_mlps.0"))
+                         for n in local)
+    assert not set(local) & set(trainer.global_names())
+    head0, body0 = trainer.get_local_state(), trainer.get_global_state()
+    result = run_round(trainer, 0)
+    assert set(result.phases) == {"local", "global"}
+    head1, body1 = trainer.get_local_state(), trainer.get_global_state()
+    assert any(not np.array_equal(head0[k], head1[k]) for k in head0)  # the local phase moved the head
+    assert any(not np.array_equal(body0[k], body1[k]) for k in body0)  # the global phase moved the body
+
+
+def test_fedrep_global_phase_leaves_the_head_alone(tmp_path, site):
+    trainer = _trainer(tmp_path, site, "decoder_head=local", "lmoe.num_experts=0", "train.kd_weight=0",
+                       "train.local_steps=0")
+    head0 = trainer.get_local_state()
+    run_round(trainer, 0)  # global phase only
+    head1 = trainer.get_local_state()
+    assert all(np.array_equal(head0[k], head1[k]) for k in head0)
+
+
+def test_fedrep_needs_a_fully_trained_decoder():
+    with pytest.raises(ConfigError, match="decoder_head: local"):
+        load_config(overrides=[*SMALL, "decoder_head=local", "decoder=lora", "lmoe.num_experts=0"])
