@@ -15,13 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from pfedsam.config import PFedSAMConfig
 from pfedsam.flare.aggregation import check_contribution, outlying_updates, robust_combine, update_norm
-from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round
+from pfedsam.train import SiteTrainer, run_final, run_round
 
 
 @dataclass
@@ -129,15 +128,3 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
         out.final[s] = {"val": res.val, "steps": res.steps, "seconds": res.seconds}
     out.global_state, out.seconds = glob, time.perf_counter() - start
     return out
-
-
-def steps_per_site(cfg: PFedSAMConfig) -> dict:
-    """The planned budget of one site (the same for every method; see plan_steps)."""
-    plan = plan_steps(cfg)
-    return {"steps_per_site": plan.total_steps, "images_per_site": plan.total_images}
-
-
-def work_dir(root: Path, tag: str) -> Path:
-    path = root / "work" / tag
-    path.mkdir(parents=True, exist_ok=True)
-    return path
