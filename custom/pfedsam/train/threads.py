@@ -1,7 +1,8 @@
 """How many torch CPU threads a site process uses: the host's cores, shared among its site processes.
 
 Two simulator clients on a 2-core machine, each with torch's default of 2 threads, run 4
-threads on 2 cores; on this project's 2-core machine that made rounds about 3x slower. With
+threads on 2 cores; the README's default job took 17 min 48 s that way and 10 min 25 s with
+the shared count below (docs/results.md). With
 ``train.num_threads: 0`` each site process registers itself in a per-user folder under the
 temp directory and uses ``cores // live site processes`` threads (at least 1), re-checked
 at every phase, so a production site alone on its host gets every core.
