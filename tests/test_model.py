@@ -151,6 +151,38 @@ def test_routing_sums_to_one_and_respects_top_k(routing, shape, num_experts, top
     assert 0.0 < balance <= num_experts  # K * sum_j f_j P_j: 1 when balanced, K when all goes to one expert
 
 
+@pytest.mark.parametrize("routing,shape,top_k", [("image", (3, 8, 8, 16), 2), ("image", (2, 5, 16), 1),
+                                                 ("token", (2, 7, 16), 2), ("token", (2, 3, 3, 16), 4)])
+def test_fused_mixture_equals_each_expert_called_alone(routing, shape, top_k):
+    """The two-matmul mixture computes sum_j gate_j * expert_j(x), with the same gradients."""
+    torch.manual_seed(0)
+    moe = LocalizedMoE(shape[-1], 4, top_k, hidden=8, routing=routing)
+    for p in moe.parameters():  # non-trivial LayerNorm affine and up projections (up starts at 0)
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(shape, requires_grad=True)
+
+    def each_expert_alone() -> torch.Tensor:
+        _, gates = moe.route(x)
+        flat = x.flatten(1, -2)
+        out = torch.zeros_like(flat)
+        for j, expert in enumerate(moe.experts):
+            out = out + (gates[:, None, j, None] if routing == "image" else gates[..., j, None]) * expert(flat)
+        return x + out.reshape(x.shape)
+
+    grads = []
+    for forward in (moe, lambda t: each_expert_alone()):
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        y = forward(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in moe.experts.parameters()]))
+    (y_fused, gx_fused, gp_fused), (y_ref, gx_ref, gp_ref) = grads
+    torch.testing.assert_close(y_fused, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fused, gx_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gp_fused, gp_ref, strict=True):  # unchosen experts: zero gradients, never None
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_balance_loss_is_one_for_uniform_router():
     moe = LocalizedMoE(8, 4, 4, hidden=4, routing="token")
     torch.nn.init.zeros_(moe.router.weight)
