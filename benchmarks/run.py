@@ -166,9 +166,10 @@ def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "perso
 def site_row(trainer: SiteTrainer, personal: dict | None, val: float, with_global: bool = True) -> dict:
     row = test_scores(trainer, personal, "personalized")
     row["val_dice"] = val
-    if with_global:
-        g = test_scores(trainer, None, "global")
-        row["global"] = {k: v for k, v in g.items() if k != "ids"}
+    if with_global:  # one model only (no personal part): its scores serve as both
+        one_model = personal is None and not trainer.model.has_local
+        g = row if one_model else test_scores(trainer, None, "global")
+        row["global"] = {k: v for k, v in g.items() if k not in ("ids", "val_dice")}
     return row
 
 

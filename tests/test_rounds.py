@@ -216,3 +216,32 @@ def test_fedrep_global_phase_leaves_the_head_alone(tmp_path, site):
 def test_fedrep_needs_a_fully_trained_decoder():
     with pytest.raises(ConfigError, match="decoder_head: local"):
         load_config(overrides=[*SMALL, "decoder_head=local", "decoder=lora", "lmoe.num_experts=0"])
+
+
+@pytest.mark.parametrize("overrides,evaluations", [
+    (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"], 1),  # one model: scored once
+    (["federation.mode=local", "lmoe.num_experts=0", "train.kd_weight=0"], 1),
+    ([], 2),  # L-MoE on: the personalized model differs from the global one
+    (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], 2),  # the personal copy differs
+])
+def test_a_site_with_one_model_is_scored_once(tmp_path, site, overrides, evaluations):
+    """Scores under both names are the one model's; a personal part is always scored on its own."""
+    trainer = _trainer(tmp_path, site, *overrides)
+    calls: list[str] = []
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda split, which, **kw: calls.append(which) or evaluate(split, which, **kw)
+    personal = None
+    for rnd in range(3):
+        calls.clear()
+        result = run_round(trainer, rnd, personal)
+        personal = result.personal
+        assert len(calls) == evaluations
+        if evaluations == 1:  # (assert_equal: nan equals nan)
+            np.testing.assert_equal(result.val["personalized"], result.val["global"])
+    calls.clear()
+    final = run_final(trainer, personal)
+    assert len(calls) == evaluations
+    if evaluations == 1:
+        np.testing.assert_equal(final.val["personalized"], final.val["global"])
+        np.testing.assert_equal(final.val["global"], evaluate("test", "personalized"))
+        np.testing.assert_equal(final.val["global"], evaluate("test", "global"))

@@ -141,10 +141,17 @@ def _run_phase(
 
 
 def evaluate_both(trainer: SiteTrainer, split: str, personal: dict | None = None) -> dict[str, dict]:
-    """Metrics of the personalized model (Ditto: its personal copy) and of the global model on ``split``."""
+    """Metrics of the personalized model (Ditto: its personal copy) and of the global model on ``split``.
+
+    A site without a personal part (no L-MoE or local head, not Ditto) has one model: it is
+    scored once and the scores are reported under both names.
+    """
+    out = {"global": trainer.evaluate(split, "global")}
+    if personal is None and not trainer.model.has_local:
+        out["personalized"] = dict(out["global"])
+        return out
     with trainer.global_swapped(personal):
-        out = {"personalized": trainer.evaluate(split, "personalized")}
-    out["global"] = trainer.evaluate(split, "global")
+        out["personalized"] = trainer.evaluate(split, "personalized")
     return out
 
 
@@ -200,11 +207,14 @@ def run_final(
     rounds = len(plan.rounds)
     out = RoundResult()
     start = time.perf_counter()
-    scores = {"global": trainer.evaluate(split, "global")}
-    for phase, steps in plan.final:
-        stream = Stream(phase, rounds, plan.start(phase, rounds))
-        out.phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
-    with trainer.global_swapped(personal):
-        scores["personalized"] = trainer.evaluate(split, "personalized")
+    if not plan.final:  # nothing trains after the last round: the two models are scored as they are now
+        scores = evaluate_both(trainer, split, personal)
+    else:
+        scores = {"global": trainer.evaluate(split, "global")}
+        for phase, steps in plan.final:
+            stream = Stream(phase, rounds, plan.start(phase, rounds))
+            out.phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
+        with trainer.global_swapped(personal):
+            scores["personalized"] = trainer.evaluate(split, "personalized")
     out.val, out.personal, out.seconds = scores, personal, time.perf_counter() - start
     return out
