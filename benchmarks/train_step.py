@@ -17,6 +17,13 @@ table with the median and the range over the repeats, the achieved GFLOP/s (FLOP
 with ``torch.utils.flop_counter.FlopCounterMode``) and their share of the CPU's peak, and
 ends with one JSON line holding ``local_speedup``, ``global_speedup`` and
 ``cache_fill_speedup`` (fast over plain, images/s; medians of the paired ratios).
+
+    python benchmarks/train_step.py --numerics 0,1,2 --threads 2 --data ../shared/data/polyp/kvasir-seg \
+        --out results/benchmarks/numerics.json
+
+``--numerics`` trains the plain and the fast path from each seed with the job's schedule
+(``--rounds`` rounds) on one site and compares their validation Dice, paired by seed, with
+the spread the seed alone gives.
 """
 
 from __future__ import annotations
@@ -150,6 +157,43 @@ def compare(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
     return {"paths": out, "speedups": speed}
 
 
+def numerics(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
+    """Validation Dice of the plain and the fast path trained from the same seed, for several seeds.
+
+    Each (seed, path) trains one site with the job's schedule (``--rounds`` x (local, global)
+    phases of the job's step counts, fresh batches every round) and is then scored on the
+    validation split. The fast path is equivalent when its paired difference to the plain
+    path is within the spread that changing the seed alone gives.
+    """
+    seeds = [int(x) for x in args.numerics.split(",")]
+    base = [f"backbone={args.backbone}", f"train.batch_size={args.batch_size}", "train.device=cpu",
+            "train.cache=disk", f"data.max_train={args.max_train}", f"data.max_eval={args.max_eval}", *args.set]
+    caches = {"plain": tmp / "cache-plain", "fast": args.cache_dir or tmp / "cache-fast"}
+    rows: dict[str, list[dict]] = {"plain": [], "fast": []}
+    for seed in seeds:
+        for name in ("plain", "fast"):
+            cfg = load_config(overrides=[*base, *(PLAIN if name == "plain" else []), f"train.seed={seed}",
+                                         f"train.cache_dir={caches[name]}"])
+            tr = SiteTrainer(cfg, site_dir.name, site_dir=site_dir, workdir=tmp / f"{name}-{seed}")
+            tr.warm_cache(("train", "val"))
+            start, t = time.perf_counter(), cfg.train
+            for r in range(args.rounds):
+                tr.run_local_phase(stream=Stream("local", r, r * t.local_steps * t.batch_size))
+                tr.run_global_phase(stream=Stream("global", r, r * t.global_steps * t.batch_size))
+            dice = {w: tr.evaluate("val", w)["dice"] for w in ("personalized", "global")}
+            rows[name].append({"seed": seed, **dice, "train_s": time.perf_counter() - start})
+            print(f"seed {seed} {name}: val Dice personalized {dice['personalized']:.4f}, "
+                  f"global {dice['global']:.4f}", flush=True)
+    summary = {}
+    for w in ("personalized", "global"):
+        plain = [r[w] for r in rows["plain"]]
+        diff = [f[w] - p for f, p in zip((r[w] for r in rows["fast"]), plain, strict=True)]
+        summary[w] = {"plain_mean": statistics.mean(plain), "fast_mean": statistics.mean(r[w] for r in rows["fast"]),
+                      "diff_mean": statistics.mean(diff), "diff_abs_max": max(abs(d) for d in diff),
+                      "seed_spread_plain": max(plain) - min(plain)}
+    return {"seeds": seeds, "rounds": args.rounds, "rows": rows, "summary": summary}
+
+
 def print_compare(result: dict) -> None:
     peak = result["peak"]
     bs = result["batch_size"]
@@ -196,6 +240,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="--compare: interleaved repeats")
     parser.add_argument("--fill-images", type=int, default=4, help="--compare: images per cache-fill timing")
     parser.add_argument("--data", type=Path, default=None, help="a site folder (default: one synthetic site)")
+    parser.add_argument("--numerics", default="", metavar="SEEDS",
+                        help="train plain and fast paths from each of these seeds (e.g. 0,1,2) and compare val Dice")
+    parser.add_argument("--rounds", type=int, default=6, help="--numerics: rounds of the job's local + global steps")
+    parser.add_argument("--max-train", type=int, default=100, help="--numerics: training images")
+    parser.add_argument("--max-eval", type=int, default=100, help="--numerics: validation images")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="--numerics: the fast path's feature cache (e.g. the polyp benchmark's)")
     parser.add_argument("--dice-noise", action="store_true",
                         help="--compare: also train the plain path with seed+1 (Dice spread from the seed alone)")
     args = parser.parse_args()
@@ -204,6 +255,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_synthetic_sites(tmp / "data", sites=1, per_site=24, seed=0)
+        if args.numerics:
+            site = args.data or tmp / "data" / "site-1"
+            result = {"backbone": args.backbone, "batch_size": args.batch_size, "data": str(site),
+                      "max_train": args.max_train, "max_eval": args.max_eval, "threads": torch.get_num_threads(),
+                      "cpu": cpu_name(), "torch": torch.__version__, "plain": PLAIN, "overrides": args.set}
+            result.update(numerics(args, site, tmp))
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
+            print("\n| val Dice | plain (mean over seeds) | fast | fast - plain (mean, largest) "
+                  "| plain: spread over seeds |")
+            print("|---|---|---|---|---|")
+            for w, r in result["summary"].items():
+                print(f"| {w} | {r['plain_mean']:.4f} | {r['fast_mean']:.4f} | {r['diff_mean']:+.4f}, "
+                      f"{r['diff_abs_max']:.4f} | {r['seed_spread_plain']:.4f} |")
+            print(f"written to {args.out}")
+            print(json.dumps({"numerics": result["summary"], "seeds": result["seeds"]}))
+            return
         if args.compare:
             site = args.data or tmp / "data" / "site-1"
             result = {"backbone": args.backbone, "batch_size": args.batch_size, "steps": args.steps,

@@ -85,11 +85,13 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     ct1, ln, act1, ct2, act2 = up
     b, n, c = tokens.shape
     c1, c2 = ct1.out_channels, ct2.out_channels
-    w1 = ct1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)  # (in, ky, kx, out)
-    x = (tokens @ w1).view(b, n, 4, c1) + ct1.bias
+    # The biases go into the matmuls (addmm): a separate broadcast add would be one more pass
+    # over the largest tensors of the step, and on a CPU those passes cost as much as the matmuls.
+    w1 = ct1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (ky, kx, out) x in
+    x = F.linear(tokens, w1, ct1.bias.repeat(4)).view(b, n, 4, c1)
     x = act1(F.layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
-    w2 = ct2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    x = act2((x @ w2).view(b, n, 4, 4, c2) + ct2.bias)
+    w2 = ct2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
+    x = act2(F.linear(x, w2, ct2.bias.repeat(4)).view(b, n, 4, 4, c2))
     logits = (x @ hyper.view(b, 1, 1, c2, 1)).view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
     # output row 4y + 2 ky1 + ky2, column 4x + 2 kx1 + kx2
     return logits.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 1, 4 * h, 4 * w)
