@@ -184,14 +184,19 @@ def numerics(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
             rows[name].append({"seed": seed, **dice, "train_s": time.perf_counter() - start})
             print(f"seed {seed} {name}: val Dice personalized {dice['personalized']:.4f}, "
                   f"global {dice['global']:.4f}", flush=True)
+    return {"seeds": seeds, "rounds": args.rounds, "rows": rows, "summary": paired_summary(rows)}
+
+
+def paired_summary(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Per model (personalized, global): means of both paths, fast - plain paired by seed, the plain spread."""
     summary = {}
     for w in ("personalized", "global"):
-        plain = [r[w] for r in rows["plain"]]
-        diff = [f[w] - p for f, p in zip((r[w] for r in rows["fast"]), plain, strict=True)]
-        summary[w] = {"plain_mean": statistics.mean(plain), "fast_mean": statistics.mean(r[w] for r in rows["fast"]),
+        plain, fast = [r[w] for r in rows["plain"]], [r[w] for r in rows["fast"]]
+        diff = [f - p for f, p in zip(fast, plain, strict=True)]
+        summary[w] = {"plain_mean": statistics.mean(plain), "fast_mean": statistics.mean(fast),
                       "diff_mean": statistics.mean(diff), "diff_abs_max": max(abs(d) for d in diff),
                       "seed_spread_plain": max(plain) - min(plain)}
-    return {"seeds": seeds, "rounds": args.rounds, "rows": rows, "summary": summary}
+    return summary
 
 
 def print_compare(result: dict) -> None:

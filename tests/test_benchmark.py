@@ -167,3 +167,19 @@ def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
 )
 def test_best_setting(tried, expected):
     assert bench.tag_of(bench.best_setting(tried)[1]) == expected
+
+
+@pytest.mark.parametrize("plain,fast,diff_mean,diff_abs_max,spread", [
+    ([0.70, 0.60], [0.70, 0.60], 0.0, 0.0, 0.10),  # identical paths
+    ([0.70, 0.60], [0.60, 0.70], 0.0, 0.10, 0.10),  # paired by seed, not by sorted value
+    ([0.50, 0.50, 0.80], [0.60, 0.40, 0.80], 0.0, 0.10, 0.30),
+])
+def test_numerics_summary_pairs_by_seed(plain, fast, diff_mean, diff_abs_max, spread):
+    from train_step import paired_summary  # benchmarks/train_step.py
+
+    rows = {name: [{"personalized": v, "global": v} for v in values] for name, values in (("plain", plain),
+                                                                                         ("fast", fast))}
+    for summary in paired_summary(rows).values():
+        assert summary["diff_mean"] == pytest.approx(diff_mean, abs=1e-12)
+        assert summary["diff_abs_max"] == pytest.approx(diff_abs_max)
+        assert summary["seed_spread_plain"] == pytest.approx(spread)
