@@ -54,6 +54,7 @@ from pfedsam.data import discover_sites, load_split  # noqa: E402
 from pfedsam.jobs import variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
+from pfedsam.train.rounds import has_one_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its jobs/ and results/ (the code is the installed package)
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
@@ -167,8 +168,7 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: float, with_globa
     row = test_scores(trainer, personal, "personalized")
     row["val_dice"] = val
     if with_global:  # one model only (no personal part): its scores serve as both
-        one_model = personal is None and not trainer.model.has_local
-        g = row if one_model else test_scores(trainer, None, "global")
+        g = row if has_one_model(trainer, personal) else test_scores(trainer, None, "global")
         row["global"] = {k: v for k, v in g.items() if k not in ("ids", "val_dice")}
     return row
 

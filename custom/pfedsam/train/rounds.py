@@ -140,6 +140,11 @@ def _run_phase(
     raise ValueError(f"unknown phase {phase!r}")
 
 
+def has_one_model(trainer: SiteTrainer, personal: dict | None = None) -> bool:
+    """True when the personalized model is the global one: no L-MoE or local head, no Ditto copy."""
+    return personal is None and not trainer.model.has_local
+
+
 def evaluate_both(trainer: SiteTrainer, split: str, personal: dict | None = None) -> dict[str, dict]:
     """Metrics of the personalized model (Ditto: its personal copy) and of the global model on ``split``.
 
@@ -147,7 +152,7 @@ def evaluate_both(trainer: SiteTrainer, split: str, personal: dict | None = None
     scored once and the scores are reported under both names.
     """
     out = {"global": trainer.evaluate(split, "global")}
-    if personal is None and not trainer.model.has_local:
+    if has_one_model(trainer, personal):
         out["personalized"] = dict(out["global"])
         return out
     with trainer.global_swapped(personal):
