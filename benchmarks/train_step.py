@@ -18,8 +18,7 @@ with ``torch.utils.flop_counter.FlopCounterMode``) and their share of the CPU's 
 ends with one JSON line holding ``local_speedup``, ``global_speedup`` and
 ``cache_fill_speedup`` (fast over plain, images/s; medians of the paired ratios).
 
-    python benchmarks/train_step.py --numerics 0,1,2 --threads 2 --data ../shared/data/polyp/kvasir-seg \
-        --out results/benchmarks/numerics.json
+    python benchmarks/train_step.py --numerics 0,1,2 --threads 2 --data ../shared/data/polyp/kvasir-seg
 
 ``--numerics`` trains the plain and the fast path from each seed with the job's schedule
 (``--rounds`` rounds) on one site and compares their validation Dice, paired by seed, with
@@ -43,7 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pfedsam.config import load_config
 from pfedsam.data.synth import write_synthetic_sites
-from pfedsam.train import SiteTrainer
+from pfedsam.train import SiteTrainer, run_round
 from pfedsam.train.site import Stream
 
 
@@ -167,7 +166,8 @@ def numerics(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
     """
     seeds = [int(x) for x in args.numerics.split(",")]
     base = [f"backbone={args.backbone}", f"train.batch_size={args.batch_size}", "train.device=cpu",
-            "train.cache=disk", f"data.max_train={args.max_train}", f"data.max_eval={args.max_eval}", *args.set]
+            "train.cache=disk", f"data.max_train={args.max_train}", f"data.max_eval={args.max_eval}",
+            f"federation.rounds={args.rounds}", *args.set]
     caches = {"plain": tmp / "cache-plain", "fast": args.cache_dir or tmp / "cache-fast"}
     rows: dict[str, list[dict]] = {"plain": [], "fast": []}
     for seed in seeds:
@@ -176,10 +176,9 @@ def numerics(args: argparse.Namespace, site_dir: Path, tmp: Path) -> dict:
                                          f"train.cache_dir={caches[name]}"])
             tr = SiteTrainer(cfg, site_dir.name, site_dir=site_dir, workdir=tmp / f"{name}-{seed}")
             tr.warm_cache(("train", "val"))
-            start, t = time.perf_counter(), cfg.train
-            for r in range(args.rounds):
-                tr.run_local_phase(stream=Stream("local", r, r * t.local_steps * t.batch_size))
-                tr.run_global_phase(stream=Stream("global", r, r * t.global_steps * t.batch_size))
+            start = time.perf_counter()
+            for r in range(args.rounds):  # the job's own round, without its per-round evaluation
+                run_round(tr, r, evaluate=False)
             dice = {w: tr.evaluate("val", w)["dice"] for w in ("personalized", "global")}
             rows[name].append({"seed": seed, **dice, "train_s": time.perf_counter() - start})
             print(f"seed {seed} {name}: val Dice personalized {dice['personalized']:.4f}, "
@@ -240,7 +239,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides")
     parser.add_argument("--caches", default="memory,none", help="rows to measure: memory (prefix cache) and/or none")
-    parser.add_argument("--out", type=Path, default=Path("results/benchmarks/train_step.json"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON file (default results/benchmarks/train_step.json, numerics.json with --numerics)")
     parser.add_argument("--compare", action="store_true", help="plain float32 path vs the default fast path")
     parser.add_argument("--repeats", type=int, default=5, help="--compare: interleaved repeats")
     parser.add_argument("--fill-images", type=int, default=4, help="--compare: images per cache-fill timing")
@@ -255,6 +255,8 @@ def main() -> None:
     parser.add_argument("--dice-noise", action="store_true",
                         help="--compare: also train the plain path with seed+1 (Dice spread from the seed alone)")
     args = parser.parse_args()
+    if args.out is None:  # --numerics must not overwrite the speed measurement
+        args.out = Path("results/benchmarks") / ("numerics.json" if args.numerics else "train_step.json")
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
