@@ -35,6 +35,7 @@ class Federation:
       rounds (list): per round, site -> {"val": {personalized, global}, "steps", "images", "seconds"}.
       final (dict): site -> {"val": scores of ``final_split``, "steps", "seconds"}.
       rejected (list): (round, site, reason) of contributions the aggregation rules refused.
+      globals (list): G(0), G(1), ..., G(T) when ``federate(keep_globals=True)``, else empty.
     """
 
     trainers: dict[str, SiteTrainer]
@@ -43,6 +44,7 @@ class Federation:
     rounds: list[dict] = field(default_factory=list)
     final: dict[str, dict] = field(default_factory=dict)
     rejected: list[tuple[int, str, str]] = field(default_factory=list)
+    globals: list[dict[str, np.ndarray]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -78,7 +80,7 @@ def aggregate(contributions: dict[str, tuple[dict, float]], reference: dict, cfg
 
 
 def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final_split: str = "test",
-             log: Callable[[str], None] = print) -> Federation:
+             log: Callable[[str], None] = print, evaluate: bool = True, keep_globals: bool = False) -> Federation:
     """Run every round and the final personalization of one job at all ``sites``, in this process.
 
     Arguments:
@@ -86,6 +88,9 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
       sites: the participating sites, in a fixed order.
       final_split: the split ``run_final`` scores (``test``; ``val`` when choosing settings).
       log: where progress lines go.
+      evaluate: score every round and run the final personalization; False only trains the
+        rounds (``benchmarks/screen.py`` needs just the global trajectory).
+      keep_globals: keep every round's global model in ``Federation.globals``.
     """
     start = time.perf_counter()
     trainers = {s: make_trainer(s) for s in sites}
@@ -100,14 +105,14 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
     glob = trainers[sites[0]].get_global_state()  # G(0): every site builds the same model from the seed
     own = {s: None for s in sites}  # mode 'local': each site's own copy of the global part
     personal: dict[str, dict | None] = {s: None for s in sites}
-    out = Federation(trainers, personal, glob)
+    out = Federation(trainers, personal, glob, globals=[glob] if keep_globals else [])
     local_names = set(trainers[sites[0]].local_names())
     last_median = None
     for rnd in range(cfg.federation.rounds):
         contributions, entry = {}, {}
         for s, t in trainers.items():
             t.set_global_state(own[s] if own[s] is not None else glob)
-            res = run_round(t, rnd, personal[s])
+            res = run_round(t, rnd, personal[s], evaluate=evaluate)
             personal[s] = res.personal
             weights = t.get_global_state()
             if mode == "local":
@@ -119,9 +124,12 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
         if mode != "local":  # the server's average is ignored by local-only sites: skip computing it
             glob, rejected, last_median = aggregate(contributions, glob, cfg, local_names, rnd, last_median)
             out.rejected += rejected
-        mean = np.mean([e["val"]["personalized"]["dice"] for e in entry.values()])
-        log(f"round {rnd}: mean val Dice personalized {mean:.4f} ({time.perf_counter() - start:.0f} s)")
-    for s, t in trainers.items():
+        if keep_globals:
+            out.globals.append(glob)
+        score = (f"mean val Dice personalized {np.mean([e['val']['personalized']['dice'] for e in entry.values()]):.4f}"
+                 if evaluate else "trained")
+        log(f"round {rnd}: {score} ({time.perf_counter() - start:.0f} s)")
+    for s, t in trainers.items() if evaluate else ():
         t.set_global_state(own[s] if own[s] is not None else glob)
         res = run_final(t, personal[s], split=final_split)
         personal[s] = res.personal

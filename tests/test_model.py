@@ -18,7 +18,7 @@ from pfedsam.model import (
     local_state,
 )
 from pfedsam.train.cache import FeatureCache
-from pfedsam.train.losses import distillation_loss, segmentation_loss
+from pfedsam.train.losses import distillation_loss, segmentation_loss, teacher_dice
 
 torch.set_num_threads(2)
 
@@ -264,6 +264,35 @@ def test_distillation_loss(student, teacher, positive, temperature):
         assert value > 1e-4
     else:
         assert abs(value) < 1e-6
+
+
+# teacher logits (per image: +5 inside the predicted square, -5 elsewhere), truth squares, expected Dice
+_SQ = torch.zeros(1, 1, 4, 4)
+_SQ[..., :2, :2] = 1
+_WIDE = torch.zeros(1, 1, 4, 4)
+_WIDE[..., :2, :3] = 1  # the square and 2 more pixels
+
+
+@pytest.mark.parametrize("pred, truth, expected", [
+    (_SQ, _SQ, 1.0),                        # right
+    (_SQ, torch.zeros(1, 1, 4, 4), 0.0),    # a polyp in an empty frame: nothing to teach
+    (torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), 1.0),  # both empty: right
+    (_SQ, _SQ.flip(-1), 0.0),               # wrong place
+    (_SQ, _WIDE, 2 * 4 / (4 + 6)),  # partly right
+])
+def test_teacher_dice(pred, truth, expected):
+    logits = torch.where(pred > 0, 5.0, -5.0)
+    assert float(teacher_dice(logits, truth, 0.5)[0]) == pytest.approx(expected)
+
+
+def test_distillation_image_weight():
+    """Per-image weights: all ones is the plain loss, a zero weight removes that image's term."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    plain = distillation_loss(student, teacher, 2.0)
+    assert float(distillation_loss(student, teacher, 2.0, torch.ones(3))) == pytest.approx(float(plain), rel=1e-6)
+    only_first = distillation_loss(student, teacher, 2.0, torch.tensor([1.0, 0.0, 0.0]))
+    assert float(only_first) == pytest.approx(float(distillation_loss(student[:1], teacher[:1], 2.0)) / 3, rel=1e-6)
 
 
 def test_cached_and_uncached_paths_give_same_loss_and_gradients(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from pfedsam.config import load_config
 from pfedsam.data.synth import write_synthetic_sites
 from pfedsam.model.checkpoint import load_site_model
-from pfedsam.train import SiteTrainer
+from pfedsam.train import SiteTrainer, Stream
 from pfedsam.train.metrics import image_metrics, summarize
 
 torch.set_num_threads(2)
@@ -61,6 +61,14 @@ def test_local_phase_reports_kd(tmp_path, synth_site, kd_weight, kd_positive):
     trainer = _tiny(tmp_path, synth_site, f"train.kd_weight={kd_weight}")
     trainer.run_local_phase(2)  # experts move away from the teacher
     result = trainer.run_local_phase(2)
+    assert (result["kd"] > 0) == kd_positive
+
+
+@pytest.mark.parametrize("rnd,kd_positive", [(0, False), (1, False), (2, True), (3, True)])
+def test_kd_starts_at_kd_start_round(tmp_path, synth_site, rnd, kd_positive):
+    trainer = _tiny(tmp_path, synth_site, "train.kd_start_round=2")
+    trainer.run_local_phase(2, stream=Stream("local", 0))  # experts move away from the teacher
+    result = trainer.run_local_phase(2, stream=Stream("local", rnd, 8))
     assert (result["kd"] > 0) == kd_positive
 
 

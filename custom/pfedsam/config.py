@@ -80,6 +80,11 @@ class TrainConfig:
       weight_decay (float): AdamW weight decay.
       kd_weight (float): lambda_kd; 0 switches KD off (ablation).
       kd_temperature (float): T of the distillation.
+      kd_gate (str): ``none`` (every image distilled alike) or ``teacher_dice`` (each image's KD
+        term weighted by the teacher's Dice on it: no distillation where the global model is wrong,
+        e.g. a polyp predicted in an empty frame).
+      kd_start_round (int): rounds before this one train the local part without KD (the early
+        global model has little to teach); the final personalization always distills.
       balance_weight (float): lambda_bal of the L-MoE load-balancing loss.
       prox_mu (float): FedProx proximal weight on global parameters (0 = off).
       ditto_lambda (float): Ditto's lambda: pull of a site's personal copy of the global
@@ -122,6 +127,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
+    kd_gate: str = "none"
+    kd_start_round: int = 0
     balance_weight: float = 0.01
     prox_mu: float = 0.0
     ditto_lambda: float = 0.1
@@ -296,6 +303,7 @@ _CHOICES = {
     "lmoe.routing": ("image", "token"),
     "lmoe.placement": ("neck", "blocks"),
     "train.schedule": ("decoupled", "joint"),
+    "train.kd_gate": ("none", "teacher_dice"),
     "train.cache": ("memory", "disk", "none"),
     "train.cache_dtype": ("float16", "float32"),
     "train.encoder_runtime": ("auto", "torch", "onnxruntime"),
@@ -311,8 +319,8 @@ _CHOICES = {
 }
 _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
-    "train.global_steps", "train.final_steps", "train.kd_weight", "train.balance_weight", "train.prox_mu",
-    "train.ditto_lambda",
+    "train.global_steps", "train.final_steps", "train.kd_weight", "train.kd_start_round", "train.balance_weight",
+    "train.prox_mu", "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "train.cache_max_gb", "data.max_train",
     "data.max_eval", "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
     "federation.max_update_ratio",

@@ -12,13 +12,15 @@ def segmentation_loss() -> DiceCELoss:
     return DiceCELoss(sigmoid=True, squared_pred=False, reduction="mean")
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                      image_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel KL(teacher_T || student_T) of Bernoulli masks, times T^2, averaged over pixels.
 
     Arguments:
-      student_logits: mask logits of the personalized model (gradients flow here).
+      student_logits: mask logits ``(B, ...)`` of the personalized model (gradients flow here).
       teacher_logits: mask logits of the global model (treated as constants).
       temperature: T; both logits are divided by T before the sigmoid.
+      image_weight: optional ``(B,)`` weight of each image's mean KL (None: every image 1).
     Returns 0 for identical logits and a positive value otherwise.
     """
     t = teacher_logits.detach().float() / temperature
@@ -26,7 +28,22 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     p_t = torch.sigmoid(t)
     # KL for Bernoulli distributions, in log-sigmoid form for numerical stability.
     kl = p_t * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p_t) * (F.logsigmoid(-t) - F.logsigmoid(-s))
-    return kl.mean() * temperature**2
+    if image_weight is None:
+        return kl.mean() * temperature**2
+    per_image = kl.flatten(1).mean(1)
+    return (per_image * image_weight.to(per_image)).mean() * temperature**2
+
+
+def teacher_dice(teacher_logits: torch.Tensor, masks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``(B,)`` Dice of each image's thresholded teacher mask against the truth (both empty: 1).
+
+    The gate of ``train.kd_gate: teacher_dice``: an image is distilled as much as the teacher
+    got it right, so a teacher that sees a polyp in an empty frame teaches nothing there.
+    """
+    pred = (torch.sigmoid(teacher_logits.detach().float()) > threshold).flatten(1).float()
+    truth = (masks > 0.5).flatten(1).float()
+    inter, total = (pred * truth).sum(1), pred.sum(1) + truth.sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 def proximal_term(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]) -> torch.Tensor:

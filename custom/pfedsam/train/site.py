@@ -34,7 +34,7 @@ from ..model.backbones import backbone_fingerprint
 from ..model.checkpoint import atomic_torch_save, non_finite, save_site_model
 from .cache import FeatureCache, default_cache_dir
 from .encoder_runtime import OnnxPrefixEncoder, bf16_autocast, onnx_path, resolve_runtime
-from .losses import distillation_loss, proximal_term, segmentation_loss
+from .losses import distillation_loss, proximal_term, segmentation_loss, teacher_dice
 from .metrics import image_metrics, original_image_metrics, summarize
 from .threads import apply_site_threads
 
@@ -426,14 +426,19 @@ class SiteTrainer:
         return out
 
     def local_loss(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """seg(student) + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance."""
+        """seg(student) + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance.
+
+        KD is off before round ``train.kd_start_round``; with ``train.kd_gate: teacher_dice`` each
+        image's KL is weighted by the teacher's Dice on it.
+        """
         t = self.cfg.train
         student = self.model.forward_from_prefix(feats, boxes, use_experts=True).float()
         parts = {"seg": self._seg(student, masks), "balance": self.model.balance_loss().to(student.device)}
-        if t.kd_weight > 0:
+        if t.kd_weight > 0 and self._stream.round >= t.kd_start_round:
             with torch.no_grad():
                 teacher = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
-            parts["kd"] = distillation_loss(student, teacher, t.kd_temperature)
+            gate = teacher_dice(teacher, masks, self.cfg.eval.threshold) if t.kd_gate == "teacher_dice" else None
+            parts["kd"] = distillation_loss(student, teacher, t.kd_temperature, gate)
         else:
             parts["kd"] = torch.zeros((), device=student.device)
         parts["loss"] = parts["seg"] + t.kd_weight * parts["kd"] + t.balance_weight * parts["balance"]
