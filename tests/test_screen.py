@@ -78,3 +78,17 @@ def test_parse_variant(text, expected):
 def test_parse_variant_refuses_what_a_screen_cannot_replay(text):
     with pytest.raises(ValueError, match="variant"):
         screen.parse_variant(text)
+
+
+def test_markdown_groups_by_seed_and_lr_and_compares_with_default():
+    def run(dice: list[float]) -> dict:
+        site = {"dice": float(np.mean(dice)), "global_dice": 0.5, "empty_fp": None, "images": dice}
+        return {"val_dice": site["dice"], "global_val_dice": 0.5, "per_site": {"a": site}, "wall_s": 60.0}
+
+    text = screen.markdown({"sites": ["a"], "budget": {}, "runs": {
+        "seed0|lr=3|default": run([0.5, 0.5, 0.5]),
+        "seed0|lr=3|train.kd_weight=0": run([0.6, 0.6, 0.6]),
+        "seed0|lr=1|default": run([0.4, 0.4, 0.4]),
+    }})
+    assert "## seed0, lr=3" in text and "## seed0, lr=1" in text
+    assert "| train.kd_weight=0 | **0.600** | +0.100 [+0.100, +0.100] | ahead |" in text
