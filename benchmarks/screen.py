@@ -100,8 +100,9 @@ def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, var
 
     ``trainers``, when given, receives each site's trainer afterwards (its model: G(T) + the L-MoE).
     """
-    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, **{
-        **nested(variant), "train": {"global_steps": 0, **nested(variant).get("train", {})}})
+    overrides = nested(variant)
+    overrides["train"] = {"global_steps": 0, **overrides.get("train", {})}  # local phases only: G comes from globs
+    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, **overrides)
     rounds = cfg.federation.rounds
     if len(globs) != rounds + 1:
         raise ValueError(f"the trajectory holds {len(globs)} global models, {rounds} rounds need {rounds + 1}")
