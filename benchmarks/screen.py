@@ -114,8 +114,8 @@ def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, var
             t.set_global_state(globs[rnd])
             run_round(t, rnd, evaluate=False)
         t.set_global_state(globs[rounds])
-        final = run_final(t, split="val")
-        scores = t.evaluate("val", "personalized", per_image=True)
+        final = run_final(t, split="val", per_image=True)
+        scores = final.val["personalized"]
         if trainers is not None:
             trainers[s] = t
         per_site[s] = {"dice": scores["dice"], "global_dice": final.val["global"]["dice"],

@@ -145,18 +145,20 @@ def has_one_model(trainer: SiteTrainer, personal: dict | None = None) -> bool:
     return personal is None and not trainer.model.has_local
 
 
-def evaluate_both(trainer: SiteTrainer, split: str, personal: dict | None = None) -> dict[str, dict]:
+def evaluate_both(trainer: SiteTrainer, split: str, personal: dict | None = None,
+                  per_image: bool = False) -> dict[str, dict]:
     """Metrics of the personalized model (Ditto: its personal copy) and of the global model on ``split``.
 
     A site without a personal part (no L-MoE or local head, not Ditto) has one model: it is
-    scored once and the scores are reported under both names.
+    scored once and the scores are reported under both names. ``per_image`` adds each
+    image's scores (``images``), as ``SiteTrainer.evaluate`` does.
     """
-    out = {"global": trainer.evaluate(split, "global")}
+    out = {"global": trainer.evaluate(split, "global", per_image=per_image)}
     if has_one_model(trainer, personal):
         out["personalized"] = dict(out["global"])
         return out
     with trainer.global_swapped(personal):
-        out["personalized"] = trainer.evaluate(split, "personalized")
+        out["personalized"] = trainer.evaluate(split, "personalized", per_image=per_image)
     return out
 
 
@@ -194,7 +196,7 @@ def run_round(
 
 def run_final(
     trainer: SiteTrainer, personal: dict | None = None, split: str = "test",
-    abort: Callable[[], bool] | None = None,
+    abort: Callable[[], bool] | None = None, per_image: bool = False,
 ) -> RoundResult:
     """The final personalization against the last global model G(T), then scores on ``split``.
 
@@ -207,19 +209,20 @@ def run_final(
       personal: Ditto's personal copy (None otherwise).
       split: where to score (``test``; ``val`` when choosing settings).
       abort: returns True when the task should stop.
+      per_image: also keep each image's scores (``images``) in ``val``.
     """
     plan = plan_steps(trainer.cfg)
     rounds = len(plan.rounds)
     out = RoundResult()
     start = time.perf_counter()
     if not plan.final:  # nothing trains after the last round: the two models are scored as they are now
-        scores = evaluate_both(trainer, split, personal)
+        scores = evaluate_both(trainer, split, personal, per_image)
     else:
-        scores = {"global": trainer.evaluate(split, "global")}
+        scores = {"global": trainer.evaluate(split, "global", per_image=per_image)}
         for phase, steps in plan.final:
             stream = Stream(phase, rounds, plan.start(phase, rounds))
             out.phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
         with trainer.global_swapped(personal):
-            scores["personalized"] = trainer.evaluate(split, "personalized")
+            scores["personalized"] = trainer.evaluate(split, "personalized", per_image=per_image)
     out.val, out.personal, out.seconds = scores, personal, time.perf_counter() - start
     return out
