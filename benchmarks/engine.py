@@ -33,7 +33,7 @@ class Federation:
       personal (dict): site -> Ditto's personal copy (None for other methods).
       global_state (dict): G(T), the model every site received last.
       rounds (list): per round, site -> {"val": {personalized, global}, "steps", "images", "seconds"}.
-      final (dict): site -> {"val": scores of ``final_split``, "steps", "seconds"}.
+      final (dict): site -> {"val": scores of ``final_split`` (with each image's, ``images``), "steps", "seconds"}.
       rejected (list): (round, site, reason) of contributions the aggregation rules refused.
       globals (list): G(0), G(1), ..., G(T) when ``federate(keep_globals=True)``, else empty.
     """
@@ -131,7 +131,7 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
         log(f"round {rnd}: {score} ({time.perf_counter() - start:.0f} s)")
     for s, t in trainers.items() if evaluate else ():
         t.set_global_state(own[s] if own[s] is not None else glob)
-        res = run_final(t, personal[s], split=final_split)
+        res = run_final(t, personal[s], split=final_split, per_image=True)
         personal[s] = res.personal
         out.final[s] = {"val": res.val, "steps": res.steps, "seconds": res.seconds}
     out.global_state, out.seconds = glob, time.perf_counter() - start

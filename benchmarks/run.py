@@ -10,6 +10,7 @@ that contain a polyp, and the share of empty frames where something was predicte
     python benchmarks/run.py --seeds 0,1,2 --methods pfedsam,fedavg,local-plain,local,ditto,centralized
     python benchmarks/run.py --methods zero-shot,fedavg-ft,fedrep,fedprox,pfedsam-nokd,pfedsam-nolmoe,pfedsam-joint
     python benchmarks/run.py --methods '' --unseen all
+    python benchmarks/run.py --methods pfedsam --variant train.local_steps=4,train.global_steps=20
     python benchmarks/run.py --report-only
 
 (``benchmarks/polyp.sh`` makes all of these calls.) Every run is stored in
@@ -23,6 +24,12 @@ the final personalization, mean over centres) is the method's setting. Rows of o
 methods reuse a reference method's setting (ablations: pFedSAM's; FedAvg+FT, FedRep and
 centralized: FedAvg's). A row whose method has no finished search runs the default setting
 and is labelled "untuned".
+
+Design variants (``--variant``, dotted ``key=value`` pairs of the job's settings): each listed
+method runs at its chosen setting with these overrides on top, stored as ``setting+variant``.
+A variant must spend the same optimizer steps per site as the method's own setting (one budget
+for every method). Variant rows never enter the main table; their own table compares each
+with the row it varies on validation (paired over validation images, same seed).
 
 Unseen centres (``--unseen``): for each left-out centre, pFedSAM and FedAvg are trained on the
 other centres; the left-out centre is scored with both global models, after a fresh L-MoE
@@ -44,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import federate  # noqa: E402
@@ -109,6 +117,34 @@ def tag_of(setting: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
+def parse_overrides(text: str, option: str = "--variant") -> dict[str, object]:
+    """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}."""
+    if text.strip() == "default":
+        return {}
+    out: dict[str, object] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key or "." not in key:
+            raise ValueError(f"{option} {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
+                             f"got {part!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def variant_tag(variant: dict[str, object]) -> str:
+    return ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+
+
+def nested(variant: dict[str, object]) -> dict[str, dict]:
+    """Dotted keys -> the nested overrides ``make_config`` merges (one level: ``section.key``)."""
+    out: dict[str, dict] = {}
+    for key, value in variant.items():
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 def overrides_of(setting: dict) -> dict:
     """YAML overrides of a setting: ``lr`` scales both learning rates, other keys are ``train.*``."""
     train = {k: float(v) for k, v in setting.items() if k != "lr"}
@@ -155,6 +191,17 @@ def make_config(method: str, args: argparse.Namespace, seed: int, prompt: str, s
     return variant_config(method, MAIN_JOB, merged)
 
 
+def variant_of(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict, variant: dict):
+    """``make_config`` with a design variant's dotted overrides on top; refused if it changes the budget."""
+    cfg = make_config(method, args, seed, prompt, setting, **nested(variant))
+    own, plan = plan_steps(make_config(method, args, seed, prompt, setting)), plan_steps(cfg)
+    if (plan.total_steps, plan.total_images) != (own.total_steps, own.total_images):
+        raise ValueError(f"--variant {variant_tag(variant)}: {plan.total_steps} optimizer steps and "
+                         f"{plan.total_images} images per site, but {method}'s budget is {own.total_steps} and "
+                         f"{own.total_images}; keep both equal (e.g. move steps between the phases)")
+    return cfg
+
+
 # -- scoring --------------------------------------------------------------------------------------------
 def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "personalized") -> dict:
     """Whole-test-split scores at original resolution, with the per-image Dice for paired statistics."""
@@ -175,19 +222,25 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: float, with_globa
 
 # -- rows -----------------------------------------------------------------------------------------------
 def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
-               setting: dict) -> dict:
-    """One federated run of job variant ``method`` at all ``sites``, scored on val (selection) and test."""
-    cfg = make_config(method, args, seed, prompt, setting)
-    work = args.out / "work" / f"{method}-{prompt}-s{seed}-{tag_of(setting)}"
+               setting: dict, variant: dict | None = None) -> dict:
+    """One federated run of job variant ``method`` at all ``sites``, scored on val (selection) and test.
+
+    ``variant``: dotted overrides on top of ``setting`` (``--variant``); it must keep the budget.
+    """
+    cfg = variant_of(method, args, seed, prompt, setting, variant or {})
+    tag = tag_of(setting) + (f"+{variant_tag(variant)}" if variant else "")
+    work = args.out / "work" / f"{method}-{prompt}-s{seed}-{tag}"
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag_of(setting)}] {m}", flush=True))
     has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
     per_site = {}
     for s, t in fed.trainers.items():
-        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"]["dice"], has_global)
+        val = fed.final[s]["val"]["personalized"]
+        per_site[s] = site_row(t, fed.personal[s], val["dice"], has_global)
+        per_site[s]["val_images"] = [i["dice"] for i in val["images"]]  # pairs design variants on validation
         if seed == 0 and method in OVERLAY_METHODS:
             with t.global_swapped(fed.personal[s]):
-                t.save_model(args.out / "work" / "models" / f"{method}-{tag_of(setting)}" / s)
+                t.save_model(args.out / "work" / "models" / f"{method}-{tag}" / s)
     busy = sum(e["busy_s"] for entry in fed.rounds for e in entry.values())
     images = sum(e["images"] for entry in fed.rounds for e in entry.values())
     plan = plan_steps(cfg)
@@ -416,6 +469,29 @@ def search_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def variant_table(results: dict) -> list[str]:
+    """Each design variant against the row it varies (same method, prompt, seed, setting), on validation."""
+    lines = ["| method | setting | variant | seed | val Dice | minus its base on val [95% CI] | reading | test Dice |",
+             "|---|---|---|---|---|---|---|---|"]
+    sites = results["sites"]
+    for key, r in results["runs"].items():
+        m, p, s, tag = key.split("|")
+        if "+" not in tag or "per_site" not in r:
+            continue
+        base_tag, var = tag.split("+", 1)
+        base = results["runs"].get(f"{m}|{p}|{s}|{base_tag}", {})
+        diff, reading = "no base row", ""
+        if "per_site" in base:
+            diff = f"{r['val_dice'] - base['val_dice']:+.3f} (no per-image val scores in the base row)"
+            if all("val_images" in x["per_site"][c] for x in (r, base) for c in sites):
+                d = paired_difference({c: [r["per_site"][c]["val_images"]] for c in sites},
+                                      {c: [base["per_site"][c]["val_images"]] for c in sites})
+                diff, reading = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", verdict(d)
+        lines.append(f"| {m} | {base_tag} | {var} | {s.removeprefix('seed')} | {r['val_dice']:.3f} | {diff} | "
+                     f"{reading} | {_site_mean(r, 'dice', sites):.3f} |")
+    return lines if len(lines) > 2 else []
+
+
 def budget_table(results: dict) -> list[str]:
     lines = ["| method | setting | seed | steps/site | images/site | train img/s | wall time (min) | "
              "MB/round/site | rejected updates |", "|---|---|---|---|---|---|---|---|---|"]
@@ -461,6 +537,8 @@ def markdown(results: dict) -> str:
         out += ["", "## pFedSAM against each row (paired bootstrap over test images, seeds pooled)", "", *ci]
     if search := search_table(results):
         out += ["", "## Tuning search (seed 0; chosen by validation Dice)", "", *search]
+    if variants := variant_table(results):
+        out += ["", "## Design variants (chosen on validation; not in the main table)", "", *variants]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
     out += ["", "## Every run: budget and cost", "", *budget_table(results)]
@@ -599,6 +677,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="encoder feature cache (default: OUT/feature_cache; keyed by content, shareable)")
+    parser.add_argument("--variant", default="",
+                        help="design variant: dotted key=value pairs on top of each method's chosen setting")
     parser.add_argument("--force", action="store_true", help="rerun runs already in results.json")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlays.png")
@@ -628,6 +708,17 @@ def main() -> None:
         sys.exit(f"--unseen: {bad} not among the sites {sites}")
     results = load_results(args, sites)
     seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        variant = parse_overrides(args.variant) if args.variant else None
+    except ValueError as exc:
+        sys.exit(str(exc))
+    if variant is not None and (args.search or not variant or {"zero-shot", "centralized"} & set(methods)):
+        sys.exit("--variant: give key=value pairs, without --search, for federated methods only")
+    for method in methods if variant else ():  # refuse before any run, not as an error row in results.json
+        try:
+            variant_of(method, args, seeds[0], args.prompt, chosen_setting(results, method)[0], variant)
+        except (ValueError, KeyError, TypeError) as exc:
+            sys.exit(f"{exc}")
 
     def save() -> None:
         tmp = args.out / "results.json.tmp"
@@ -636,9 +727,9 @@ def main() -> None:
         (args.out / "results.md").write_text(markdown(results))
         plots(results, args.out)  # a long benchmark shows its curves as runs land
 
-    def run(method: str, seed: int, setting: dict, search: bool = False) -> dict:
+    def run(method: str, seed: int, setting: dict, search: bool = False, variant: dict | None = None) -> dict:
         prompt = "box" if method == "zero-shot" else args.prompt
-        key = f"{method}|{prompt}|seed{seed}|{tag_of(setting)}"
+        key = f"{method}|{prompt}|seed{seed}|{tag_of(setting)}" + (f"+{variant_tag(variant)}" if variant else "")
         old = results["runs"].get(key)
         if old is not None and "error" not in old and not args.force:
             print(f"{key}: already in results.json", flush=True)
@@ -649,7 +740,7 @@ def main() -> None:
         try:
             runner = {"zero-shot": run_zero_shot, "centralized": run_centralized}.get(method)
             row = (runner(args, sites, seed, prompt, setting) if runner
-                   else run_method(method, args, sites, seed, prompt, setting))
+                   else run_method(method, args, sites, seed, prompt, setting, variant))
         except Exception as exc:  # one failed run must not lose the others
             import traceback
 
@@ -680,7 +771,7 @@ def main() -> None:
         else:
             for seed in seeds:
                 for method in methods:
-                    run(method, seed, chosen_setting(results, method)[0])
+                    run(method, seed, chosen_setting(results, method)[0], variant=variant)
         for centre in centres:
             u = results["unseen"].get(centre)
             if u is not None and "error" not in u and not args.force:

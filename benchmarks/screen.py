@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: settings, budget and scoring of the benchmark)
@@ -49,32 +48,10 @@ GLOBAL_KEYS = ("lora.", "decoder", "backbone", "checkpoint", "image_size", "prom
 
 
 def parse_variant(text: str) -> dict[str, object]:
-    """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}."""
-    if text.strip() == "default":
-        return {}
-    out: dict[str, object] = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key or "." not in key:
-            raise ValueError(f"--variant {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
-                             f"got {part!r}")
-        if key.startswith(GLOBAL_KEYS):
-            raise ValueError(f"--variant {text!r}: {key} changes the global trajectory; screen it with run.py")
-        out[key] = yaml.safe_load(value)
-    return out
-
-
-def variant_tag(variant: dict[str, object]) -> str:
-    return ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
-
-
-def nested(variant: dict[str, object]) -> dict[str, dict]:
-    """Dotted keys -> the nested overrides ``make_config`` merges (one level: ``section.key``)."""
-    out: dict[str, dict] = {}
-    for key, value in variant.items():
-        section, _, name = key.partition(".")
-        out.setdefault(section, {})[name] = value
+    """``run.py``'s ``--variant`` syntax, refusing keys that change the global trajectory."""
+    out = bench.parse_overrides(text)
+    if bad := [key for key in out if key.startswith(GLOBAL_KEYS)]:
+        raise ValueError(f"--variant {text!r}: {bad[0]} changes the global trajectory; run it with run.py --variant")
     return out
 
 
@@ -100,7 +77,7 @@ def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, var
 
     ``trainers``, when given, receives each site's trainer afterwards (its model: G(T) + the L-MoE).
     """
-    overrides = nested(variant)
+    overrides = bench.nested(variant)
     overrides["train"] = {"global_steps": 0, **overrides.get("train", {})}  # local phases only: G comes from globs
     cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, **overrides)
     rounds = cfg.federation.rounds
@@ -120,7 +97,7 @@ def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, var
             trainers[s] = t
         per_site[s] = {"dice": scores["dice"], "global_dice": final.val["global"]["dice"],
                        "empty_fp": scores.get("empty_fp"), "images": [i["dice"] for i in scores["images"]]}
-        print(f"  [{variant_tag(variant)} s{seed}] {s}: val Dice {scores['dice']:.4f} "
+        print(f"  [{bench.variant_tag(variant)} s{seed}] {s}: val Dice {scores['dice']:.4f} "
               f"(global {final.val['global']['dice']:.4f})", flush=True)
     return {"val_dice": float(np.mean([r["dice"] for r in per_site.values()])),
             "global_val_dice": float(np.mean([r["global_dice"] for r in per_site.values()])),
@@ -182,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{path} holds screens of another budget or site list ({screen['budget']}); use another --out")
     globs = None
     for variant in variants:
-        key = f"seed{own.seed}|lr={own.lr:g}|{variant_tag(variant)}"
+        key = f"seed{own.seed}|lr={own.lr:g}|{bench.variant_tag(variant)}"
         if key in screen["runs"] and not args.force:
             print(f"{key}: already in {path.name}", flush=True)
             continue

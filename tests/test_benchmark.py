@@ -110,6 +110,35 @@ def test_chosen_setting(method, tuned, expected, from_search):
     assert bench.chosen_setting(_results({}, tuned), method) == (expected, from_search)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("default", {}),
+    ("train.local_steps=4,train.global_steps=20", {"train.local_steps": 4, "train.global_steps": 20}),
+    ("train.kd_gate=teacher_dice,lmoe.hidden=64", {"train.kd_gate": "teacher_dice", "lmoe.hidden": 64}),
+])
+def test_parse_overrides(text, expected):
+    assert bench.parse_overrides(text) == expected
+    assert bench.variant_tag(expected) == ("default" if text == "default" else text)
+
+
+@pytest.mark.parametrize("variant, keeps_budget", [
+    ({"train.local_steps": 4, "train.global_steps": 20}, True),  # steps moved between the phases
+    ({"train.kd_weight": 0.5}, True),
+    ({"train.local_steps": 4}, False),  # 12 x 4 fewer steps
+    ({"train.global_steps": 8, "train.batch_size": 8}, False),  # half the global steps at twice the batch
+    ({"train.local_steps": 4, "train.global_steps": 20, "train.batch_size": 8}, False),  # same steps, 2x images
+])
+def test_a_variant_must_keep_the_budget(tmp_path, variant, keeps_budget):
+    args = bench.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path)])
+    if keeps_budget:
+        cfg = bench.variant_of("pfedsam", args, 0, "none", {"lr": 3.0}, variant)
+        for key, value in variant.items():
+            assert getattr(cfg.train, key.split(".")[1]) == value
+        assert cfg.train.lr_global == pytest.approx(3.0 * bench.BASE.train.lr_global)
+    else:
+        with pytest.raises(ValueError, match="budget is 304"):
+            bench.variant_of("pfedsam", args, 0, "none", {"lr": 3.0}, variant)
+
+
 # -- tables --------------------------------------------------------------------------------------------------
 def test_main_table_uses_the_chosen_setting_and_seeds():
     runs = {f"pfedsam|none|seed{s}|lr=3": _run([d, d], [d, d]) for s, d in enumerate([0.5, 0.6, 0.7])}
@@ -131,6 +160,27 @@ def test_interval_table_reads_ahead_only_when_the_interval_excludes_zero():
     by_method = {line.split("|")[1].strip(): line for line in lines}
     assert "| ahead |" in by_method["fedavg"] and "+0.250" in by_method["fedavg"]
     assert "| no difference shown |" in by_method["ditto"]
+
+
+def test_design_variants_are_compared_with_their_base_on_validation_only():
+    base = _run([0.9, 0.9], [0.9, 0.9], val=0.5)
+    better = _run([0.1, 0.1], [0.1, 0.1], val=0.6)  # ahead on validation, far behind on test
+    for row, val in ((base, [0.5, 0.5, 0.4, 0.6]), (better, [0.6, 0.6, 0.5, 0.7])):
+        for site in row["per_site"].values():
+            site["val_images"] = val
+    split = "lr=3+train.local_steps=4,train.global_steps=20"
+    runs = {"pfedsam|none|seed0|lr=3": base, f"pfedsam|none|seed0|{split}": better,
+            "pfedsam|none|seed1|lr=3+train.kd_weight=0": _run([0.5], [0.5], val=0.45)}  # seed 1 has no base row
+    results = _results(runs, {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}})
+    lines = bench.variant_table(results)[2:]
+    assert len(lines) == 2
+    assert lines[0].startswith("| pfedsam | lr=3 | train.local_steps=4,train.global_steps=20 | 0 | 0.600 | +0.100 [")
+    assert "| ahead |" in lines[0] and lines[0].endswith("| 0.100 |")
+    assert "no base row" in lines[1]
+    del base["per_site"]["a"]["val_images"]  # rows recorded before val_images existed: no interval
+    assert "(no per-image val scores in the base row)" in bench.variant_table(results)[2]
+    assert [line.split("|")[1].strip() for line in bench.main_table(results)[2:]] == ["pfedsam"]
+    assert "| 1 | 0.900 |" in bench.main_table(results)[2]  # the variant's seed is not counted in the main row
 
 
 def test_errors_are_listed_not_averaged():
