@@ -117,7 +117,7 @@ def tag_of(setting: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
-def parse_overrides(text: str, option: str = "--variant") -> dict[str, object]:
+def parse_overrides(text: str) -> dict[str, object]:
     """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}."""
     if text.strip() == "default":
         return {}
@@ -126,7 +126,7 @@ def parse_overrides(text: str, option: str = "--variant") -> dict[str, object]:
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or "." not in key:
-            raise ValueError(f"{option} {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
+            raise ValueError(f"--variant {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
                              f"got {part!r}")
         out[key] = yaml.safe_load(value)
     return out
@@ -134,6 +134,11 @@ def parse_overrides(text: str, option: str = "--variant") -> dict[str, object]:
 
 def variant_tag(variant: dict[str, object]) -> str:
     return ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+
+
+def row_tag(setting: dict, variant: dict | None = None) -> str:
+    """A run's setting in its results.json key: ``lr=3``, or ``lr=3+train.local_steps=4,...`` for a variant."""
+    return tag_of(setting) + (f"+{variant_tag(variant)}" if variant else "")
 
 
 def nested(variant: dict[str, object]) -> dict[str, dict]:
@@ -228,10 +233,10 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     ``variant``: dotted overrides on top of ``setting`` (``--variant``); it must keep the budget.
     """
     cfg = variant_of(method, args, seed, prompt, setting, variant or {})
-    tag = tag_of(setting) + (f"+{variant_tag(variant)}" if variant else "")
+    tag = row_tag(setting, variant)
     work = args.out / "work" / f"{method}-{prompt}-s{seed}-{tag}"
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
-                   final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag_of(setting)}] {m}", flush=True))
+                   final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True))
     has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
     per_site = {}
     for s, t in fed.trainers.items():
@@ -729,7 +734,7 @@ def main() -> None:
 
     def run(method: str, seed: int, setting: dict, search: bool = False, variant: dict | None = None) -> dict:
         prompt = "box" if method == "zero-shot" else args.prompt
-        key = f"{method}|{prompt}|seed{seed}|{tag_of(setting)}" + (f"+{variant_tag(variant)}" if variant else "")
+        key = f"{method}|{prompt}|seed{seed}|{row_tag(setting, variant)}"
         old = results["runs"].get(key)
         if old is not None and "error" not in old and not args.force:
             print(f"{key}: already in results.json", flush=True)

@@ -118,6 +118,7 @@ def test_chosen_setting(method, tuned, expected, from_search):
 def test_parse_overrides(text, expected):
     assert bench.parse_overrides(text) == expected
     assert bench.variant_tag(expected) == ("default" if text == "default" else text)
+    assert bench.row_tag({"lr": 3.0}, expected) == ("lr=3" if text == "default" else f"lr=3+{text}")
 
 
 @pytest.mark.parametrize("variant, keeps_budget", [
