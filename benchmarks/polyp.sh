@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/polyp}
 OUT=${OUT:-results/polyp}
 run() { python benchmarks/run.py --data-root "$DATA" --out "$OUT" "$@"; }
-# 1. the tuning search of the main rows (seed 0): lr x {0.3, 1, 3}, then each method's own knob
+# 1. the tuning search of the main rows (seed 0): lr x {0.3, 1, 3} (and beyond while the best is at
+#    the edge), then each method's own knob
 run --search --methods pfedsam,fedavg,local-plain,local,ditto,fedprox
 # 2. the main rows with their chosen settings, three seeds (seed 0 is the search run itself)
 run --seeds 0,1,2 --methods pfedsam,fedavg,local-plain,local,ditto,centralized

@@ -18,8 +18,9 @@ that contain a polyp, and the share of empty frames where something was predicte
 not run again (``--force`` reruns), so a long benchmark resumes run by run across sessions.
 
 Fair tuning (``--search``): each main method is run at seed 0 with the learning rates of what
-it trains scaled by 0.3, 1 and 3, then its own knob (KD weight, FedProx mu, Ditto lambda) at
-two more values with the best scale; the setting with the best mean validation Dice (after
+it trains scaled by 0.3, 1 and 3 (while the best scale is the largest or smallest tried, one
+more rung of 0.03, 0.1, ..., 10, 30 beyond it), then its own knob (KD weight, FedProx mu, Ditto
+lambda) at two more values with the best scale; the setting with the best mean validation Dice (after
 the final personalization, mean over centres) is the method's setting. Rows of other
 methods reuse a reference method's setting (ablations: pFedSAM's; FedAvg+FT, FedRep and
 centralized: FedAvg's). A row whose method has no finished search runs the default setting
@@ -47,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +76,11 @@ FEDERATED = ["local-plain", "local", "fedavg", "fedprox", "fedavg-ft", "ditto", 
              "pfedsam-nokd", "pfedsam-nolmoe", "pfedsam-joint"]
 ORDER = ["zero-shot", *FEDERATED, "centralized"]
 BASELINES = ["local-plain", "local", "fedavg", "fedprox", "fedavg-ft", "ditto", "fedrep", "centralized"]
-# The tuning search: the learning-rate scales every searched method tries, then its own knob.
+# The tuning search: the learning-rate scales every searched method tries, then its own knob. While the
+# best scale is at the edge of those tried, the search goes one rung further along the ladder (the optimum
+# must lie inside the range searched, for every method alike).
 LR_SCALES = (0.3, 1.0, 3.0)
+LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 KNOBS: dict[str, tuple[str, tuple[float, ...]] | None] = {
     "pfedsam": ("kd_weight", (0.3, 3.0)), "fedprox": ("prox_mu", (0.001, 0.1)),
     "ditto": ("ditto_lambda", (0.03, 0.3)), "fedavg": None, "local-plain": None, "local": None,
@@ -172,6 +177,51 @@ def best_setting(tried: dict[str, tuple[float, dict]]) -> tuple[float, dict]:
         return -abs(np.log(setting["lr"])) - (len(setting) - 1)  # lr scale 1 and no knob change are nearest
 
     return max(tried.values(), key=lambda v: (v[0], nearness(v[1])))
+
+
+def edge_step(tried: dict[str, tuple[float, dict]]) -> float | None:
+    """The lr scale to try next when the best one so far is the largest or smallest tried; else None.
+
+    Arguments:
+      tried: tag -> (validation Dice, setting) of the learning-rate points run so far.
+    """
+    lrs = sorted(setting["lr"] for _, setting in tried.values())
+    best = best_setting(tried)[1]["lr"]
+    rung = LR_LADDER.index(best)
+    if best == lrs[-1] and rung + 1 < len(LR_LADDER):
+        return LR_LADDER[rung + 1]
+    if best == lrs[0] and rung > 0:
+        return LR_LADDER[rung - 1]
+    return None
+
+
+def search(method: str, run: Callable[[dict], float]) -> dict:
+    """One method's tuning search; ``run(setting)`` returns that run's validation Dice (recorded or new).
+
+    The lr scales (extended along ``LR_LADDER`` while the best is at an edge), then the method's knob at
+    the best scale. Returns the ``results["tuned"]`` entry: the chosen tag and setting and every point tried.
+    """
+    tried: dict[str, tuple[float, dict]] = {}
+
+    def attempt(setting: dict) -> None:
+        tried[tag_of(setting)] = (run(setting), setting)
+
+    for setting in search_grid(method):
+        attempt(setting)
+    while (lr := edge_step(tried)) is not None:
+        attempt({"lr": lr})
+    for setting in search_grid(method, best_setting(tried)[1]["lr"]):
+        attempt(setting)
+    val, setting = best_setting(tried)
+    return {"tag": tag_of(setting), "setting": setting, "val_dice": val,
+            "tried": {t: v for t, (v, _) in tried.items()}}
+
+
+def pending_lr(tuned: dict) -> float | None:
+    """The lr scale a recorded search still has to try (one recorded before the ladder rule), or None."""
+    lr_points = {t: (v, {"lr": float(t.removeprefix("lr="))})
+                 for t, v in tuned.get("tried", {}).items() if "," not in t}
+    return edge_step(lr_points) if lr_points else None
 
 
 def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
@@ -422,7 +472,10 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
         other = [float(np.nanmean([_site_mean(r, k, sites) for r in runs])) for k in ("dice_fg", "empty_fp", "hd95")]
         glob = [_site_mean(r, "dice", sites, "global") for r in runs if all(r["per_site"][s].get("global")
                                                                              for s in sites)]
-        label = "-" if method == "zero-shot" else tag_of(setting) + ("" if tuned else " (untuned)")
+        record = results.get("tuned", {}).get(SETTING_OF.get(method, method))
+        pending = pending_lr(record) if record else None
+        label = "-" if method == "zero-shot" else tag_of(setting) + (
+            " (untuned)" if not tuned else f" (search open: lr={pending:g} to run)" if pending else "")
         lines.append(f"| {method} | {label} | {len(runs)} | " + " | ".join(cells)
                      + f" | **{mean[0]:.3f} +- {mean[1]:.3f}** | {other[0]:.3f} | {_fmt(other[1], '.3f')} | "
                      + f"{other[2]:.1f} | {_fmt(float(np.mean(glob)) if glob else None, '.3f')} |")
@@ -761,18 +814,10 @@ def main() -> None:
     if not args.report_only:
         if args.search:
             for method in methods:
-                tried = {}
-                for setting in search_grid(method):
-                    tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
-                best_lr = best_setting(tried)[1]["lr"]
-                for setting in search_grid(method, best_lr):
-                    tried[tag_of(setting)] = (run(method, 0, setting, search=True).get("val_dice", -1), setting)
-                tag = tag_of(best_setting(tried)[1])
-                val, setting = tried[tag]
-                results["tuned"][method] = {"tag": tag, "setting": setting, "val_dice": val,
-                                            "tried": {t: v for t, (v, _) in tried.items()}}
+                tuned = search(method, lambda setting, m=method: run(m, 0, setting, search=True).get("val_dice", -1))
+                results["tuned"][method] = tuned
                 save()
-                print(f"{method}: chose {tag} (val Dice {val:.4f})", flush=True)
+                print(f"{method}: chose {tuned['tag']} (val Dice {tuned['val_dice']:.4f})", flush=True)
         else:
             for seed in seeds:
                 for method in methods:

@@ -95,6 +95,37 @@ def test_search_grid(method, best_lr, expected):
 
 
 @pytest.mark.parametrize(
+    "method,val_of_lr,expected_runs,chosen",
+    [
+        # an interior best: the three scales, then the knob at the best one
+        ("pfedsam", {0.3: 0.5, 1.0: 0.6, 3.0: 0.55},
+         ["lr=0.3", "lr=1", "lr=3", "lr=1,kd_weight=0.3", "lr=1,kd_weight=3"], "lr=1,kd_weight=3"),
+        # the largest scale wins: one rung further, then stop once the best is inside the range
+        ("fedavg", {0.3: 0.5, 1.0: 0.6, 3.0: 0.62, 10.0: 0.61}, ["lr=0.3", "lr=1", "lr=3", "lr=10"], "lr=3"),
+        ("fedavg", {0.3: 0.5, 1.0: 0.6, 3.0: 0.62, 10.0: 0.63, 30.0: 0.1},
+         ["lr=0.3", "lr=1", "lr=3", "lr=10", "lr=30"], "lr=10"),
+        # the smallest wins: down the ladder to its end, no further
+        ("local-plain", {0.3: 0.6, 1.0: 0.5, 3.0: 0.4, 0.1: 0.7, 0.03: 0.8},
+         ["lr=0.3", "lr=1", "lr=3", "lr=0.1", "lr=0.03"], "lr=0.03"),
+        # the largest wins up to the ladder's end; a tie goes to the scale nearest 1
+        ("fedavg", {0.3: 0.1, 1.0: 0.2, 3.0: 0.3, 10.0: 0.4, 30.0: 0.5}, ["lr=0.3", "lr=1", "lr=3", "lr=10", "lr=30"],
+         "lr=30"),
+        ("fedavg", {0.3: 0.6, 1.0: 0.6, 3.0: 0.6}, ["lr=0.3", "lr=1", "lr=3"], "lr=1"),
+    ],
+)
+def test_search_extends_the_lr_range_while_the_best_is_at_its_edge(method, val_of_lr, expected_runs, chosen):
+    returned = {}
+
+    def run(setting):  # a KD weight of 3 adds 0.01 at any scale
+        returned[bench.tag_of(setting)] = val_of_lr[setting["lr"]] + 0.01 * (setting.get("kd_weight") == 3.0)
+        return returned[bench.tag_of(setting)]
+
+    tuned = bench.search(method, run)
+    assert list(returned) == expected_runs
+    assert tuned["tag"] == chosen and tuned["val_dice"] == returned[chosen] and tuned["tried"] == returned
+
+
+@pytest.mark.parametrize(
     "method,tuned,expected,from_search",
     [
         ("pfedsam", {}, {"lr": 1.0}, False),  # no search yet: the default, marked untuned
@@ -151,6 +182,18 @@ def test_main_table_uses_the_chosen_setting_and_seeds():
     m, sd = np.mean([0.5, 0.6, 0.7]), np.std([0.5, 0.6, 0.7], ddof=1)
     assert lines[1].startswith(f"| pfedsam | lr=3 | 3 | {m:.3f} +- {sd:.3f} | {m:.3f} +- {sd:.3f} | "
                                f"**{m:.3f} +- {sd:.3f}**")
+
+
+@pytest.mark.parametrize("tried, label", [
+    ({"lr=0.3": 0.5, "lr=1": 0.6, "lr=3": 0.55}, "lr=1 |"),
+    ({"lr=0.3": 0.5, "lr=1": 0.6, "lr=3": 0.65}, "lr=3 (search open: lr=10 to run) |"),  # recorded before the ladder
+    ({"lr=0.3": 0.5, "lr=1": 0.6, "lr=3": 0.65, "lr=10": 0.6}, "lr=3 |"),
+])
+def test_main_table_says_when_a_recorded_search_stopped_at_its_edge(tried, label):
+    tag = max(tried, key=tried.get)
+    runs = {f"fedavg|none|seed0|{tag}": _run([0.5], [0.5])}
+    results = _results(runs, {"fedavg": {"tag": tag, "setting": {"lr": float(tag[3:])}, "tried": tried}})
+    assert bench.main_table(results)[2].startswith(f"| fedavg | {label} 1 |")
 
 
 def test_interval_table_reads_ahead_only_when_the_interval_excludes_zero():
