@@ -295,10 +295,16 @@ def test_distillation_image_weight():
     assert float(only_first) == pytest.approx(float(distillation_loss(student[:1], teacher[:1], 2.0)) / 3, rel=1e-6)
 
 
-def test_cached_and_uncached_paths_give_same_loss_and_gradients(tmp_path):
-    cfg = load_config(overrides=["backbone=tiny", "lora.encoder_blocks=2", "lmoe.placement=blocks", "lmoe.blocks=1"])
+@pytest.mark.parametrize("overrides, last_cached", [
+    (["lora.encoder_blocks=2", "lmoe.placement=blocks", "lmoe.blocks=1"], "blocks.1"),  # LoRA'd blocks run
+    (["lmoe.placement=blocks", "lmoe.blocks=1"], "blocks.3"),  # experts on the last block: the block is cached
+    (["lmoe.placement=blocks", "lmoe.blocks=2", "lora.encoder_blocks=1"], "blocks.2"),
+])
+def test_cached_and_uncached_paths_give_same_loss_and_gradients(tmp_path, overrides, last_cached):
+    cfg = load_config(overrides=["backbone=tiny", *overrides])
     model = build_pfedsam(cfg)
     assert 0 < model.prefix_units < len(model._units)
+    assert model._units[model.prefix_units - 1][0] == last_cached
     with torch.no_grad():  # move adapters away from zero so gradients reach everything
         for name, p in model.named_parameters():
             if "lora_" in name or name.startswith("lmoe."):

@@ -145,6 +145,45 @@ def test_augmentation_differs_between_rounds(tmp_path, site):
     assert flips[0] != flips[1]
 
 
+def _grid_features(masks: torch.Tensor, layout: str) -> torch.Tensor:
+    """Features whose channel 1 at each grid cell is the mask there (channel 0 the cell's row index)."""
+    b, _, size, _ = masks.shape
+    rows = torch.arange(size, dtype=torch.float32).view(1, size, 1).expand(b, size, size)
+    grid = torch.stack([rows, masks[:, 0]], dim=-1)  # (B, h, w, 2)
+    return {"embedding": grid.permute(0, 3, 1, 2), "blocks": grid, "tokens": grid.reshape(b, size * size, 2)}[layout]
+
+
+@pytest.mark.parametrize("layout", ["embedding", "blocks", "tokens"])  # image embedding, ViT block, TinyViT tokens
+def test_feature_flips_move_features_with_their_mask_and_box(layout):
+    """Cached features are flipped in place with the mask and box, whatever their layout."""
+    import random
+
+    from pfedsam.train.site import feature_grid, flip_batch
+
+    size, n = 8, 16
+    masks = torch.zeros(n, 1, size, size)
+    masks[:, :, 1:3, 0:5] = 1  # off-centre, so every flip moves it
+    boxes = torch.tensor([[0.0, 1.0, 5.0, 3.0]]).repeat(n, 1)
+    feats = _grid_features(masks, layout)
+    feats, masks, boxes = flip_batch(feats, masks.clone(), boxes.clone(), layout == "embedding", random.Random(0))
+    grid, (h_dim, w_dim) = feature_grid(feats, layout == "embedding")
+    assert (h_dim, w_dim) == ((1, 2) if layout == "embedding" else (0, 1))
+    cells = grid if layout != "embedding" else grid.permute(0, 2, 3, 1)
+    assert torch.equal(cells[..., 1], masks[:, 0])  # each feature still sits on its own mask pixel
+    flipped_v = cells[:, 0, 0, 0] == size - 1  # the row index moved: a vertical flip
+    assert 0 < int(flipped_v.sum()) < n and len({tuple(m.flatten().tolist()) for m in masks}) == 4
+    for m, box in zip(masks[:, 0], boxes, strict=True):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+def test_feature_grid_refuses_tokens_without_a_square_grid():
+    from pfedsam.train.site import feature_grid
+
+    with pytest.raises(ValueError, match="no square token grid"):
+        feature_grid(torch.zeros(2, 10, 4), is_embedding=False)
+
+
 # -- the final personalization --------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,phase_method", [
     ([], "run_local_phase"),

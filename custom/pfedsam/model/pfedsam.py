@@ -118,7 +118,7 @@ class PFedSAM(nn.Module):
         units, neck = _encoder_units(self.image_encoder)
         self._units: list[Unit] = [*units, ("neck", neck, None)]
         blocks = [i for i, u in enumerate(self._units) if u[2] is not None]
-        adapted: list[int] = []
+        cuts: list[int] = []  # per adapter: how many leading units stay frozen before it (the cacheable prefix)
 
         # Global LoRA on q/v of the last N encoder attention blocks.
         n_lora = cfg.lora.encoder_blocks
@@ -131,7 +131,7 @@ class PFedSAM(nn.Module):
             attn.qkv = LoRALinear(attn.qkv, cfg.lora.rank, cfg.lora.alpha, index)
             for target in index:
                 rules += [(f"image_encoder.{name}.attn.qkv.lora_{target}_{ab}", ParamKind.GLOBAL) for ab in "AB"]
-            adapted.append(i)
+            cuts.append(i)  # the adapted block itself runs every step
 
         # The mask decoder: trained in full, through LoRA on its attention, or not at all.
         if cfg.decoder == "full":
@@ -166,12 +166,12 @@ class PFedSAM(nn.Module):
                 for i in blocks[len(blocks) - k.blocks:]:
                     dim = _block_dim(self._units[i][2])
                     self.lmoe[str(i)] = LocalizedMoE(dim, k.num_experts, k.top_k, k.hidden, k.routing)
-                    adapted.append(i)
+                    cuts.append(i + 1)  # experts act on the block's output: the frozen block can be cached
             rules.append(("lmoe", ParamKind.LOCAL))
 
         # Units before the first adapted one are frozen: their output can be cached. With no
         # adapter inside the encoder that is the whole encoder, neck included.
-        self.prefix_units = min(adapted) if adapted else len(self._units)
+        self.prefix_units = min(cuts) if cuts else len(self._units)
         self.registry = ParameterRegistry(self, rules)
         self.registry.set_trainable(self, set())
         self.eval()
@@ -210,6 +210,9 @@ class PFedSAM(nn.Module):
         """Image embedding ``(B, C, h, w)`` from prefix features."""
         experts = self.use_experts if use_experts is None else use_experts
         x = features
+        last_cached = str(self.prefix_units - 1)  # experts on the last cached block's output
+        if experts and last_cached in self.lmoe:
+            x = self.lmoe[last_cached](x)
         for i in range(self.prefix_units, len(self._units)):
             x = self._units[i][1](x)
             key = str(i)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 import tempfile
 import time
@@ -69,6 +70,43 @@ class Stream:
     phase: str
     round: int = 0
     start: int = 0
+
+
+def feature_grid(feats: torch.Tensor, is_embedding: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A view of a batch of prefix features with a spatial grid, and the (row, column) dims of one sample.
+
+    Arguments:
+      feats: ``(B, C, h, w)`` when ``is_embedding``, else ``(B, h, w, C)`` or square ``(B, h*w, C)`` tokens.
+    """
+    if is_embedding:
+        return feats, (1, 2)
+    if feats.dim() == 4:
+        return feats, (0, 1)
+    side = math.isqrt(feats.shape[1])
+    if feats.dim() != 3 or side * side != feats.shape[1]:
+        raise ValueError(f"prefix features of shape {tuple(feats.shape)} have no square token grid to flip")
+    return feats.view(feats.shape[0], side, side, feats.shape[2]), (0, 1)
+
+
+def flip_batch(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor, is_embedding: bool,
+               rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Feature-space flips (in place): each sample's prefix features, mask and box flipped together.
+
+    Arguments:
+      feats: cached prefix features, any layout ``feature_grid`` knows.
+      masks: ``(B, 1, S, S)``; boxes: ``(B, 4)`` as (x0, y0, x1, y1) in pixels of S.
+      rng: draws a horizontal, then a vertical flip per sample, each with probability 1/2.
+    """
+    size = masks.shape[-1]
+    grid, (h_dim, w_dim) = feature_grid(feats, is_embedding)
+    for b in range(feats.shape[0]):
+        if rng.random() < 0.5:
+            grid[b], masks[b] = grid[b].flip(w_dim), masks[b].flip(-1)
+            boxes[b, [0, 2]] = size - boxes[b, [2, 0]]
+        if rng.random() < 0.5:
+            grid[b], masks[b] = grid[b].flip(h_dim), masks[b].flip(-2)
+            boxes[b, [1, 3]] = size - boxes[b, [3, 1]]
+    return feats, masks, boxes
 
 
 def select_device(name: str) -> torch.device:
@@ -347,8 +385,8 @@ class SiteTrainer:
             feats = self._prefix(split, idx)
             masks = split.masks[idx].float()
             boxes = split.boxes[idx].clone()
-            if self.cfg.data.augment and self.model.prefix_is_embedding:
-                feats, masks, boxes = self._flip(feats, masks, boxes)
+            if self.cfg.data.augment:
+                feats, masks, boxes = flip_batch(feats, masks, boxes, self.model.prefix_is_embedding, self._rng)
         else:  # image-space augmentation, full encoder pass every step
             samples = [split.dataset[i] for i in idx]
             images = torch.stack([s["image"] for s in samples]).to(self.device)
@@ -360,17 +398,6 @@ class SiteTrainer:
             boxes = self._jitter(boxes)
         return feats.to(self.device), masks.to(self.device), boxes.to(self.device)
 
-    def _flip(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> tuple:
-        """Feature-space flips: the cached image embedding and its mask/box flipped together."""
-        size = masks.shape[-1]
-        for b in range(feats.shape[0]):
-            if self._rng.random() < 0.5:
-                feats[b], masks[b] = feats[b].flip(-1), masks[b].flip(-1)
-                boxes[b, [0, 2]] = size - boxes[b, [2, 0]]
-            if self._rng.random() < 0.5:
-                feats[b], masks[b] = feats[b].flip(-2), masks[b].flip(-2)
-                boxes[b, [1, 3]] = size - boxes[b, [3, 1]]
-        return feats, masks, boxes
 
     def _jitter(self, boxes: torch.Tensor) -> torch.Tensor:
         """Box prompts in training: each side moved by up to 10% of the box size."""
