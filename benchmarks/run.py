@@ -79,8 +79,8 @@ BASELINES = ["local-plain", "local", "fedavg", "fedprox", "fedavg-ft", "ditto", 
 # The tuning search: the learning-rate scales every searched method tries, then its own knob. While the
 # best scale is at the edge of those tried, the search goes one rung further along the ladder (the optimum
 # must lie inside the range searched, for every method alike).
-LR_SCALES = (0.3, 1.0, 3.0)
 LR_LADDER = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+LR_SCALES = LR_LADDER[2:5]  # 0.3, 1, 3: where every search starts
 KNOBS: dict[str, tuple[str, tuple[float, ...]] | None] = {
     "pfedsam": ("kd_weight", (0.3, 3.0)), "fedprox": ("prox_mu", (0.001, 0.1)),
     "ditto": ("ditto_lambda", (0.03, 0.3)), "fedavg": None, "local-plain": None, "local": None,
@@ -224,10 +224,14 @@ def pending_lr(tuned: dict) -> float | None:
     return edge_step(lr_points) if lr_points else None
 
 
+def tuned_record(results: dict, method: str) -> dict | None:
+    """The recorded search whose setting rows of ``method`` use (its own, or its reference method's)."""
+    return results.get("tuned", {}).get(SETTING_OF.get(method, method))
+
+
 def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
     """(the setting a row of ``method`` runs with, whether it came from a finished search)."""
-    ref = SETTING_OF.get(method, method)
-    tuned = results.get("tuned", {}).get(ref)
+    tuned = tuned_record(results, method)
     if tuned is None:
         return {"lr": 1.0}, False
     setting = dict(tuned["setting"])
@@ -472,7 +476,7 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
         other = [float(np.nanmean([_site_mean(r, k, sites) for r in runs])) for k in ("dice_fg", "empty_fp", "hd95")]
         glob = [_site_mean(r, "dice", sites, "global") for r in runs if all(r["per_site"][s].get("global")
                                                                              for s in sites)]
-        record = results.get("tuned", {}).get(SETTING_OF.get(method, method))
+        record = tuned_record(results, method)
         pending = pending_lr(record) if record else None
         label = "-" if method == "zero-shot" else tag_of(setting) + (
             " (untuned)" if not tuned else f" (search open: lr={pending:g} to run)" if pending else "")

@@ -398,7 +398,6 @@ class SiteTrainer:
             boxes = self._jitter(boxes)
         return feats.to(self.device), masks.to(self.device), boxes.to(self.device)
 
-
     def _jitter(self, boxes: torch.Tensor) -> torch.Tensor:
         """Box prompts in training: each side moved by up to 10% of the box size."""
         w = (boxes[:, 2] - boxes[:, 0]).clamp(min=1)
