@@ -533,8 +533,8 @@ def search_table(results: dict) -> list[str]:
 
 def variant_table(results: dict) -> list[str]:
     """Each design variant against the row it varies (same method, prompt, seed, setting), on validation."""
-    lines = ["| method | setting | variant | seed | val Dice | minus its base on val [95% CI] | reading | test Dice |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | variant | seed | val Dice | minus its base on val [95% CI] | reading | test Dice | "
+             "minus its base on test [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
     sites = results["sites"]
     for key, r in results["runs"].items():
         m, p, s, tag = key.split("|")
@@ -542,15 +542,18 @@ def variant_table(results: dict) -> list[str]:
             continue
         base_tag, var = tag.split("+", 1)
         base = results["runs"].get(f"{m}|{p}|{s}|{base_tag}", {})
-        diff, reading = "no base row", ""
+        diff, reading, on_test = "no base row", "", ""
         if "per_site" in base:
+            d = paired_difference({c: [r["per_site"][c]["images"]] for c in sites},
+                                  {c: [base["per_site"][c]["images"]] for c in sites})
+            on_test = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"  # reported, not read: val decides
             diff = f"{r['val_dice'] - base['val_dice']:+.3f} (no per-image val scores in the base row)"
             if all("val_images" in x["per_site"][c] for x in (r, base) for c in sites):
                 d = paired_difference({c: [r["per_site"][c]["val_images"]] for c in sites},
                                       {c: [base["per_site"][c]["val_images"]] for c in sites})
                 diff, reading = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", verdict(d)
         lines.append(f"| {m} | {base_tag} | {var} | {s.removeprefix('seed')} | {r['val_dice']:.3f} | {diff} | "
-                     f"{reading} | {_site_mean(r, 'dice', sites):.3f} |")
+                     f"{reading} | {_site_mean(r, 'dice', sites):.3f} | {on_test} |")
     return lines if len(lines) > 2 else []
 
 

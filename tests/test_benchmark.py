@@ -219,7 +219,7 @@ def test_design_variants_are_compared_with_their_base_on_validation_only():
     lines = bench.variant_table(results)[2:]
     assert len(lines) == 2
     assert lines[0].startswith("| pfedsam | lr=3 | train.local_steps=4,train.global_steps=20 | 0 | 0.600 | +0.100 [")
-    assert "| ahead |" in lines[0] and lines[0].endswith("| 0.100 |")
+    assert "| ahead |" in lines[0] and lines[0].endswith("| 0.100 | -0.800 [-0.800, -0.800] |")  # test: shown, not read
     assert "no base row" in lines[1]
     del base["per_site"]["a"]["val_images"]  # rows recorded before val_images existed: no interval
     assert "(no per-image val scores in the base row)" in bench.variant_table(results)[2]
