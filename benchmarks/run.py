@@ -261,6 +261,40 @@ def variant_of(method: str, args: argparse.Namespace, seed: int, prompt: str, se
     return cfg
 
 
+# Where and with what a run executed, not what it trained: left out of a row's recorded settings.
+MACHINE_KEYS = ("data.root", "data.synthetic_dir", "train.cache_dir", "train.cache_max_gb", "train.device",
+                "train.num_threads", "checkpoint")
+
+
+def flat_settings(cfg) -> dict[str, object]:
+    """A resolved config as ``{"section.key": value}``, without ``MACHINE_KEYS``: what a row trained."""
+    out: dict[str, object] = {}
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):  # one level of sections, as in the YAML
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return {k: v for k, v in out.items() if k not in MACHINE_KEYS}
+
+
+def settings_of(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict,
+                variant: dict | None = None) -> dict[str, object]:
+    """The settings row ``method`` trains with (zero-shot and centralized: FedAvg's site settings)."""
+    if method in FEDERATED:
+        return flat_settings(variant_of(method, args, seed, prompt, setting, variant or {}))
+    return flat_settings(make_config("fedavg", args, seed, "box" if method == "zero-shot" else prompt, setting))
+
+
+def changed_settings(recorded: dict[str, object], now: dict[str, object]) -> list[str]:
+    """Keys whose value differs between a recorded row and what the job resolves to now.
+
+    Keys the row does not hold were added to the job after it was recorded; the project's rule for a
+    new key is a default that keeps the old behaviour, so they are not counted.
+    """
+    return [f"{k}: recorded {recorded[k]!r}, now {now[k]!r}" for k in sorted(recorded.keys() & now.keys())
+            if json.dumps(recorded[k], default=str) != json.dumps(now[k], default=str)]
+
+
 # -- scoring --------------------------------------------------------------------------------------------
 def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "personalized") -> dict:
     """Whole-test-split scores at original resolution, with the per-image Dice for paired statistics."""
@@ -796,7 +830,12 @@ def main() -> None:
         prompt = "box" if method == "zero-shot" else args.prompt
         key = f"{method}|{prompt}|seed{seed}|{row_tag(setting, variant)}"
         old = results["runs"].get(key)
+        now = settings_of(method, args, seed, prompt, setting, variant)
         if old is not None and "error" not in old and not args.force:
+            if changed := changed_settings(old.get("settings", {}), now):
+                sys.exit(f"{key} in {args.out / 'results.json'} was recorded with other settings than the job now "
+                         f"gives ({'; '.join(changed)}): jobs/pfedsam or the method's definition changed since. "
+                         "Rerun it with --force (the old row is replaced), or use another --out")
             print(f"{key}: already in results.json", flush=True)
             old["search"] = old.get("search") or search
             return old
@@ -812,7 +851,7 @@ def main() -> None:
             traceback.print_exc()
             row = {"error": f"{type(exc).__name__}: {exc}"}
         row.setdefault("wall_s", time.perf_counter() - start)
-        row["search"] = search
+        row["search"], row["settings"] = search, now
         results["runs"][key] = row
         save()
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)

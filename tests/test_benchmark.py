@@ -250,6 +250,47 @@ def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
         bench.load_results(args, SITES)
 
 
+@pytest.mark.parametrize("recorded, changed", [
+    ({"lmoe.placement": "neck", "train.lr_local": 0.003}, []),  # what the job gives now
+    ({"lmoe.placement": "neck"}, []),  # a key added to the job after the row: not counted
+    ({"lmoe.placement": "blocks", "train.lr_local": 0.003}, ["lmoe.placement: recorded 'blocks', now 'neck'"]),
+    ({"train.lr_local": 0.001, "data.split_fractions": [0.7, 0.15, 0.15]},
+     ["train.lr_local: recorded 0.001, now 0.003"]),
+    ({"data.split_fractions": [0.8, 0.1, 0.1]},
+     ["data.split_fractions: recorded [0.8, 0.1, 0.1], now [0.7, 0.15, 0.15]"]),
+])
+def test_changed_settings(recorded, changed):
+    now = {"lmoe.placement": "neck", "train.lr_local": 0.003, "data.split_fractions": [0.7, 0.15, 0.15]}
+    assert bench.changed_settings(recorded, now) == changed
+
+
+def test_a_row_recorded_with_other_settings_is_not_reused(tmp_path, monkeypatch):
+    (tmp_path / "data" / "a" / "images").mkdir(parents=True)
+    out = tmp_path / "out"
+    argv = ["run.py", "--data-root", str(tmp_path / "data"), "--out", str(out), "--methods", "pfedsam",
+            "--no-overlays"]
+    args = bench.parse_args(argv[1:])
+    args.data_root, args.out = args.data_root.resolve(), out.resolve()
+    settings = bench.settings_of("pfedsam", args, 0, "none", {"lr": 1.0})
+    assert "data.root" not in settings and "train.cache_dir" not in settings  # where it ran is not what it trained
+    assert settings["train.lr_local"] == pytest.approx(bench.BASE.train.lr_local)
+    stored = {**_results({"pfedsam|none|seed0|lr=1": {**_run([0.5], [0.5]), "settings": settings}}),
+              "sites": ["a"], "budget": bench.budget(args)}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(stored))
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as no_run:  # reused as it is: nothing trains, only the report is written
+        monkeypatch.setattr(bench, "run_method", lambda *a, **k: pytest.fail("a recorded row was trained again"))
+        monkeypatch.setattr(bench, "markdown", lambda results: sys.exit("report"))
+        bench.main()
+    assert str(no_run.value) == "report"
+    stored["runs"]["pfedsam|none|seed0|lr=1"]["settings"]["lmoe.placement"] = "blocks"
+    (out / "results.json").write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match=r"pfedsam\|none\|seed0\|lr=1 .* other settings .*lmoe.placement: "
+                                         r"recorded 'blocks', now 'neck'.*--force"):
+        bench.main()
+
+
 @pytest.mark.parametrize(
     "tried,expected",
     [
