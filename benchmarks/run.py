@@ -57,9 +57,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import federate  # noqa: E402
-from stats import mean_std, paired_difference, verdict  # noqa: E402
+from stats import interval_text, mean_std, paired_difference, verdict  # noqa: E402
 
-from pfedsam.config import load_config  # noqa: E402
+from pfedsam.config import PFedSAMConfig, load_config  # noqa: E402
 from pfedsam.data import discover_sites, load_split  # noqa: E402
 from pfedsam.jobs import variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
@@ -266,7 +266,7 @@ MACHINE_KEYS = ("data.root", "data.synthetic_dir", "train.cache_dir", "train.cac
                 "train.num_threads", "checkpoint")
 
 
-def flat_settings(cfg) -> dict[str, object]:
+def flat_settings(cfg: PFedSAMConfig) -> dict[str, object]:
     """A resolved config as ``{"section.key": value}``, without ``MACHINE_KEYS``: what a row trained."""
     out: dict[str, object] = {}
     for key, value in cfg.to_dict().items():
@@ -544,9 +544,9 @@ def interval_table(results: dict, prompt: str = "none", reference: str = "pfedsa
         cells = []
         for s in sites:
             d = paired_difference({s: ref[s]}, {s: other[s]})
-            cells.append(f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]")
+            cells.append(interval_text(d))
         lines.append(f"| {method} | {n_ref} / {len(main_runs(results, method, prompt))} | "
-                     f"**{overall['diff']:+.3f} [{overall['lo']:+.3f}, {overall['hi']:+.3f}]** | "
+                     f"**{interval_text(overall)}** | "
                      f"{verdict(overall)} | " + " | ".join(cells) + " |")
     return lines if len(lines) > 2 else []
 
@@ -565,6 +565,12 @@ def search_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def row_minus_row(a: dict, b: dict, sites: list[str], scores: str) -> dict[str, float]:
+    """Paired difference of two recorded rows of one seed over their per-image ``scores`` at ``sites``."""
+    return paired_difference({c: [a["per_site"][c][scores]] for c in sites},
+                             {c: [b["per_site"][c][scores]] for c in sites})
+
+
 def variant_table(results: dict) -> list[str]:
     """Each design variant against the row it varies (same method, prompt, seed, setting), on validation."""
     lines = ["| method | setting | variant | seed | val Dice | minus its base on val [95% CI] | reading | test Dice | "
@@ -578,14 +584,11 @@ def variant_table(results: dict) -> list[str]:
         base = results["runs"].get(f"{m}|{p}|{s}|{base_tag}", {})
         diff, reading, on_test = "no base row", "", ""
         if "per_site" in base:
-            d = paired_difference({c: [r["per_site"][c]["images"]] for c in sites},
-                                  {c: [base["per_site"][c]["images"]] for c in sites})
-            on_test = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"  # reported, not read: val decides
+            on_test = interval_text(row_minus_row(r, base, sites, "images"))  # reported, not read: validation decides
             diff = f"{r['val_dice'] - base['val_dice']:+.3f} (no per-image val scores in the base row)"
             if all("val_images" in x["per_site"][c] for x in (r, base) for c in sites):
-                d = paired_difference({c: [r["per_site"][c]["val_images"]] for c in sites},
-                                      {c: [base["per_site"][c]["val_images"]] for c in sites})
-                diff, reading = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]", verdict(d)
+                d = row_minus_row(r, base, sites, "val_images")
+                diff, reading = interval_text(d), verdict(d)
         lines.append(f"| {m} | {base_tag} | {var} | {s.removeprefix('seed')} | {r['val_dice']:.3f} | {diff} | "
                      f"{reading} | {_site_mean(r, 'dice', sites):.3f} | {on_test} |")
     return lines if len(lines) > 2 else []
@@ -621,7 +624,7 @@ def unseen_table(results: dict) -> list[str]:
         d = paired_difference({centre: [a["images"]]}, {centre: [b["images"]]})
         lines.append(f"| {centre} | {u['pfedsam_global']['dice']:.3f} | {a['dice']:.3f} | "
                      f"{u['fedavg_global']['dice']:.3f} | {b['dice']:.3f} | {u['adapt_steps']} | "
-                     f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] |")
+                     f"{interval_text(d)} |")
     return lines
 
 

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: settings, budget and scoring of the benchmark)
 from engine import federate  # noqa: E402
-from stats import paired_difference, verdict  # noqa: E402
+from stats import interval_text, paired_difference, verdict  # noqa: E402
 
 from pfedsam.data import discover_sites  # noqa: E402
 from pfedsam.train import SiteTrainer, run_final, run_round  # noqa: E402
@@ -122,7 +122,7 @@ def markdown(screen: dict) -> str:
             if base is not None and tag != "default":
                 d = paired_difference({s: [r["per_site"][s]["images"]] for s in sites},
                                       {s: [base["per_site"][s]["images"]] for s in sites})
-                diff = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                diff = interval_text(d)
                 reading = verdict(d)
             else:
                 diff, reading = "", ""

@@ -60,6 +60,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def interval_text(interval: Mapping[str, float]) -> str:
+    """``+0.019 [+0.010, +0.027]``: a difference and its 95% interval, as every table prints them."""
+    return f"{interval['diff']:+.3f} [{interval['lo']:+.3f}, {interval['hi']:+.3f}]"
+
+
 def verdict(interval: Mapping[str, float]) -> str:
     """'ahead' / 'behind' when the 95% interval excludes 0, else 'no difference shown'."""
     if interval["lo"] > 0:
