@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (benchmarks/run.py: settings, budget and scoring of the benchmark)
 from engine import federate  # noqa: E402
-from stats import interval_text, paired_difference, verdict  # noqa: E402
+from stats import interval_text, verdict  # noqa: E402
 
 from pfedsam.data import discover_sites  # noqa: E402
 from pfedsam.train import SiteTrainer, run_final, run_round  # noqa: E402
@@ -120,8 +120,7 @@ def markdown(screen: dict) -> str:
                   + " | empty FP | min |", "|" + "---|" * (len(sites) + 6)]
         for tag, r in runs.items():
             if base is not None and tag != "default":
-                d = paired_difference({s: [r["per_site"][s]["images"]] for s in sites},
-                                      {s: [base["per_site"][s]["images"]] for s in sites})
+                d = bench.row_minus_row(r, base, sites, "images")
                 diff = interval_text(d)
                 reading = verdict(d)
             else:
