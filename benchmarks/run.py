@@ -527,28 +527,30 @@ def per_image_scores(results: dict, method: str, prompt: str = "none") -> dict[s
     return {s: [r["per_site"][s]["images"] for r in runs] for s in results["sites"]}
 
 
+def minus_rows(ref: dict[str, list[list[float]]], n_ref: int, results: dict, prompt: str = "none",
+               skip: str | None = None) -> list[str]:
+    """``ref`` minus each main-table row but ``skip``: seeds, mean with its paired interval, reading, per centre."""
+    lines = []
+    for method in [m for m in ORDER if m != skip]:
+        other = per_image_scores(results, method, prompt)
+        if other is None:
+            continue
+        overall = paired_difference(ref, other)
+        cells = [interval_text(paired_difference({s: ref[s]}, {s: other[s]})) for s in results["sites"]]
+        lines.append(f"| {method} | {n_ref} / {len(main_runs(results, method, prompt))} | "
+                     f"**{interval_text(overall)}** | {verdict(overall)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def interval_table(results: dict, prompt: str = "none", reference: str = "pfedsam") -> list[str]:
     """pFedSAM minus each baseline: mean over centres with a paired bootstrap 95% interval, and per centre."""
     ref = per_image_scores(results, reference, prompt)
     if ref is None:
         return []
     sites = results["sites"]
-    lines = ["| pFedSAM minus | seeds (pFedSAM / other) | **mean difference [95% CI]** | reading | "
-             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 4)]
-    n_ref = len(main_runs(results, reference, prompt))
-    for method in [m for m in ORDER if m != reference]:
-        other = per_image_scores(results, method, prompt)
-        if other is None:
-            continue
-        overall = paired_difference(ref, other)
-        cells = []
-        for s in sites:
-            d = paired_difference({s: ref[s]}, {s: other[s]})
-            cells.append(interval_text(d))
-        lines.append(f"| {method} | {n_ref} / {len(main_runs(results, method, prompt))} | "
-                     f"**{interval_text(overall)}** | "
-                     f"{verdict(overall)} | " + " | ".join(cells) + " |")
-    return lines if len(lines) > 2 else []
+    rows = minus_rows(ref, len(main_runs(results, reference, prompt)), results, prompt, skip=reference)
+    return ["| pFedSAM minus | seeds (pFedSAM / other) | **mean difference [95% CI]** | reading | "
+            + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 4), *rows] if rows else []
 
 
 def search_table(results: dict) -> list[str]:
@@ -592,6 +594,31 @@ def variant_table(results: dict) -> list[str]:
         lines.append(f"| {m} | {base_tag} | {var} | {s.removeprefix('seed')} | {r['val_dice']:.3f} | {diff} | "
                      f"{reading} | {_site_mean(r, 'dice', sites):.3f} | {on_test} |")
     return lines if len(lines) > 2 else []
+
+
+def variant_runs(results: dict) -> dict[tuple[str, str, str], list[dict]]:
+    """Recorded design-variant runs, (method, prompt, setting+variant) -> runs in seed order (errors left out)."""
+    groups: dict[tuple[str, str, str], list[tuple[int, dict]]] = {}
+    for key, r in results["runs"].items():
+        m, p, s, tag = key.split("|")
+        if "+" in tag and "per_site" in r:
+            groups.setdefault((m, p, tag), []).append((int(s.removeprefix("seed")), r))
+    return {k: [r for _, r in sorted(v, key=lambda x: x[0])] for k, v in groups.items()}
+
+
+def variant_interval_table(results: dict) -> list[str]:
+    """Each design variant (seeds pooled) minus each main-table row on test, paired over test images.
+
+    For the record only: a variant is chosen against its base on validation (``variant_table``); this
+    shows where the chosen one stands against the baselines, with the same statistics as the main table.
+    """
+    sites = results["sites"]
+    lines = []
+    for (m, p, tag), runs in variant_runs(results).items():
+        ref = {s: [r["per_site"][s]["images"] for r in runs] for s in sites}
+        lines += [f"| {m} {tag} |{row[1:]}" for row in minus_rows(ref, len(runs), results, p)]
+    return ["| variant | minus | seeds (variant / other) | **mean difference [95% CI]** | reading | "
+            + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
 
 def budget_table(results: dict) -> list[str]:
@@ -641,6 +668,9 @@ def markdown(results: dict) -> str:
         out += ["", "## Tuning search (seed 0; chosen by validation Dice)", "", *search]
     if variants := variant_table(results):
         out += ["", "## Design variants (chosen on validation; not in the main table)", "", *variants]
+    if against := variant_interval_table(results):
+        out += ["", "## Design variants against each main row (test, paired bootstrap, seeds pooled; for the record)",
+                "", *against]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
     out += ["", "## Every run: budget and cost", "", *budget_table(results)]

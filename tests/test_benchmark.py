@@ -227,6 +227,22 @@ def test_design_variants_are_compared_with_their_base_on_validation_only():
     assert "| 1 | 0.900 |" in bench.main_table(results)[2]  # the variant's seed is not counted in the main row
 
 
+def test_design_variants_are_set_against_every_main_row_with_their_seeds_pooled():
+    variant = "lr=3+lmoe.placement=blocks,lmoe.blocks=2"
+    runs = {"pfedsam|none|seed0|lr=3": _run([0.6, 0.6], [0.6, 0.6]),
+            "fedavg|none|seed0|lr=3": _run([0.5, 0.5], [0.5, 0.5]),
+            "fedavg|none|seed1|lr=3": _run([0.7, 0.7], [0.7, 0.7]),  # FedAvg pooled per image: 0.6
+            f"pfedsam|none|seed0|{variant}": _run([0.8, 0.8], [0.8, 0.8]),
+            f"pfedsam|none|seed1|{variant}": _run([0.6, 0.6], [0.6, 0.6]),  # variant pooled: 0.7
+            f"pfedsam|none|seed2|{variant}": {"error": "RuntimeError: boom", "wall_s": 1.0}}  # left out
+    tuned = {m: {"tag": "lr=3", "setting": {"lr": 3.0}} for m in ("pfedsam", "fedavg")}
+    lines = bench.variant_interval_table(_results(runs, tuned))[2:]
+    shift = "+0.100 [+0.100, +0.100]"
+    assert lines == [f"| pfedsam {variant} | fedavg | 2 / 2 | **{shift}** | ahead | {shift} | {shift} |",
+                     f"| pfedsam {variant} | pfedsam | 2 / 1 | **{shift}** | ahead | {shift} | {shift} |"]
+    assert bench.variant_interval_table(_results({k: v for k, v in runs.items() if "+" not in k}, tuned)) == []
+
+
 def test_errors_are_listed_not_averaged():
     runs = {"pfedsam|none|seed0|lr=1": {"error": "RuntimeError: boom", "wall_s": 1.0}}
     results = _results(runs)
