@@ -520,11 +520,14 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
     return lines
 
 
+def pooled_images(runs: list[dict], sites: list[str]) -> dict[str, list[list[float]]]:
+    """Centre -> per run (seed), the per-image test scores: what ``paired_difference`` pools over seeds."""
+    return {s: [r["per_site"][s]["images"] for r in runs] for s in sites}
+
+
 def per_image_scores(results: dict, method: str, prompt: str = "none") -> dict[str, list[list[float]]] | None:
     runs = main_runs(results, method, prompt)
-    if not runs:
-        return None
-    return {s: [r["per_site"][s]["images"] for r in runs] for s in results["sites"]}
+    return pooled_images(runs, results["sites"]) if runs else None
 
 
 def minus_rows(ref: dict[str, list[list[float]]], n_ref: int, results: dict, prompt: str = "none",
@@ -615,8 +618,7 @@ def variant_interval_table(results: dict) -> list[str]:
     sites = results["sites"]
     lines = []
     for (m, p, tag), runs in variant_runs(results).items():
-        ref = {s: [r["per_site"][s]["images"] for r in runs] for s in sites}
-        lines += [f"| {m} {tag} |{row[1:]}" for row in minus_rows(ref, len(runs), results, p)]
+        lines += [f"| {m} {tag} |{row[1:]}" for row in minus_rows(pooled_images(runs, sites), len(runs), results, p)]
     return ["| variant | minus | seeds (variant / other) | **mean difference [95% CI]** | reading | "
             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
