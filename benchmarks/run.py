@@ -470,15 +470,21 @@ def full_finetune_bytes() -> dict:
 
 
 # -- report ---------------------------------------------------------------------------------------------
+def grouped_runs(results: dict) -> dict[tuple[str, str, str], list[tuple[int, dict]]]:
+    """Recorded runs by row, (method, prompt, setting tag) -> (seed, run) in seed order (errors left out)."""
+    groups: dict[tuple[str, str, str], list[tuple[int, dict]]] = {}
+    for key, r in results["runs"].items():
+        m, p, s, tag = key.split("|")
+        if "per_site" in r:
+            groups.setdefault((m, p, tag), []).append((int(s.removeprefix("seed")), r))
+    return {k: sorted(v, key=lambda x: x[0]) for k, v in groups.items()}
+
+
 def main_runs(results: dict, method: str, prompt: str = "none") -> list[dict]:
     """The runs of ``method`` with its chosen setting, one per seed, in seed order (errors left out)."""
-    setting, _ = chosen_setting(results, method)
-    tag = tag_of(setting)
-    runs = []
-    for key, r in results["runs"].items():
-        m, p, s, t = key.split("|")
-        if m == method and (p == prompt or m == "zero-shot") and t == tag and "per_site" in r:
-            runs.append((int(s.removeprefix("seed")), r))
+    tag = tag_of(chosen_setting(results, method)[0])
+    runs = [sr for (m, p, t), rows in grouped_runs(results).items()
+            if m == method and (p == prompt or m == "zero-shot") and t == tag for sr in rows]
     return [r for _, r in sorted(runs, key=lambda x: x[0])]
 
 
@@ -599,16 +605,6 @@ def variant_table(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def variant_runs(results: dict) -> dict[tuple[str, str, str], list[dict]]:
-    """Recorded design-variant runs, (method, prompt, setting+variant) -> runs in seed order (errors left out)."""
-    groups: dict[tuple[str, str, str], list[tuple[int, dict]]] = {}
-    for key, r in results["runs"].items():
-        m, p, s, tag = key.split("|")
-        if "+" in tag and "per_site" in r:
-            groups.setdefault((m, p, tag), []).append((int(s.removeprefix("seed")), r))
-    return {k: [r for _, r in sorted(v, key=lambda x: x[0])] for k, v in groups.items()}
-
-
 def variant_interval_table(results: dict) -> list[str]:
     """Each design variant (seeds pooled) minus each main-table row on test, paired over test images.
 
@@ -617,8 +613,11 @@ def variant_interval_table(results: dict) -> list[str]:
     """
     sites = results["sites"]
     lines = []
-    for (m, p, tag), runs in variant_runs(results).items():
-        lines += [f"| {m} {tag} |{row[1:]}" for row in minus_rows(pooled_images(runs, sites), len(runs), results, p)]
+    for (m, p, tag), rows in grouped_runs(results).items():
+        if "+" in tag:  # a design variant
+            runs = [r for _, r in rows]
+            ref = pooled_images(runs, sites)
+            lines += [f"| {m} {tag} |{row[1:]}" for row in minus_rows(ref, len(runs), results, p)]
     return ["| variant | minus | seeds (variant / other) | **mean difference [95% CI]** | reading | "
             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
