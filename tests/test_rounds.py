@@ -184,6 +184,38 @@ def test_feature_grid_refuses_tokens_without_a_square_grid():
         feature_grid(torch.zeros(2, 10, 4), is_embedding=False)
 
 
+# -- the experts-off path from the cached embedding -----------------------------------------------------
+def test_global_from_embedding_gives_the_global_model_of_the_embedding_placement(tmp_path, site):
+    """Experts in the encoder + train.global_from_embedding: G trains, teaches and scores as with experts on
+    the embedding (bit for bit), and reads the embedding entries that run left in the shared cache."""
+    cache = ["train.cache=disk", f"train.cache_dir={tmp_path / 'cache'}"]
+    blocks = ["lmoe.placement=blocks", "lmoe.blocks=1"]
+    runs = {}
+    for name, extra in (("neck", []), ("blocks+embedding", [*blocks, "train.global_from_embedding=true"]),
+                        ("blocks", blocks)):
+        trainer = _trainer(tmp_path / name, site, *cache, *extra)
+        fill = trainer.warm_cache()
+        vals = [run_round(trainer, rnd).val for rnd in range(2)]
+        runs[name] = (trainer, fill["computed"], vals)
+    n = sum(len(runs["neck"][0].datasets[s]) for s in ("train", "val", "test"))
+    # neck fills the embeddings; blocks+embedding adds only its tokens; blocks finds both
+    assert [runs[k][1] for k in ("neck", "blocks+embedding", "blocks")] == [n, n, 0]
+    neck, emb, plain = (runs[k][0].get_global_state() for k in ("neck", "blocks+embedding", "blocks"))
+    for key in neck:
+        np.testing.assert_array_equal(emb[key], neck[key], err_msg=key)
+    assert any(not np.array_equal(plain[k], neck[k]) for k in neck)  # without it the blocks run on the tokens
+    for a, b in zip(runs["neck"][2], runs["blocks+embedding"][2], strict=True):
+        assert a["global"]["dice"] == b["global"]["dice"]
+    test_global = [runs[k][0].evaluate("test", "global")["dice"] for k in ("neck", "blocks+embedding")]
+    assert test_global[0] == test_global[1]
+
+
+@pytest.mark.parametrize("extra", [["lora.encoder_blocks=1"], ["train.cache=none"]])
+def test_global_from_embedding_needs_a_frozen_encoder_and_a_cache(extra):
+    with pytest.raises(ConfigError, match=r"train.global_from_embedding.*lora.encoder_blocks.*train.cache"):
+        load_config(overrides=[*SMALL, "lmoe.placement=blocks", "train.global_from_embedding=true", *extra])
+
+
 # -- the final personalization --------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,phase_method", [
     ([], "run_local_phase"),

@@ -111,6 +111,12 @@ class TrainConfig:
         LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout:
         the same parameters and arithmetic, about half the step time on a CPU; false = the
         segment_anything convolution path.
+      global_from_embedding (bool): with the experts inside the encoder (``lmoe.placement:
+        blocks``) and no encoder LoRA, the passes with the experts off (the global phase, the
+        KD teacher, the global model's evaluation) read a second cache of the image embedding
+        instead of running the encoder's last blocks on the cached tokens: the global model
+        then trains exactly as with the experts on the embedding, at the embedding's step cost
+        (a second cache entry per image). false = the cached tokens and the blocks for both.
       num_threads (int): torch CPU threads; 0 = automatic: the cores this process may use, shared
         among the pfedsam site processes running on the host (two simulator clients on 2 cores
         get 1 thread each; a site alone on its host gets every core).
@@ -141,6 +147,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     fast_decoder: bool = True
+    global_from_embedding: bool = False
     num_threads: int = 0
     seed: int = 0
 
@@ -469,6 +476,11 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.start_round >= cfg.federation.rounds:
         raise ConfigError(f"{where}: 'federation.start_round' ({cfg.federation.start_round}) must be below "
                           f"'federation.rounds' ({cfg.federation.rounds}): nothing would be left to run")
+    if cfg.train.global_from_embedding and (cfg.lora.encoder_blocks or cfg.train.cache == "none"):
+        raise ConfigError(f"{where}: 'train.global_from_embedding' reads a cached image embedding on the passes "
+                          "with the experts off; it needs the whole encoder frozen there ('lora.encoder_blocks: "
+                          f"0', now {cfg.lora.encoder_blocks}) and a feature cache ('train.cache' memory or "
+                          f"disk, now {cfg.train.cache!r})")
     if cfg.decoder == "frozen" and cfg.lora.encoder_blocks == 0:
         raise ConfigError(
             f"{where}: 'decoder: frozen' with 'lora.encoder_blocks: 0' leaves no global parameter to train"

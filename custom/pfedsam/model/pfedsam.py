@@ -122,6 +122,7 @@ class PFedSAM(nn.Module):
 
         # Global LoRA on q/v of the last N encoder attention blocks.
         n_lora = cfg.lora.encoder_blocks
+        self._encoder_lora = n_lora > 0
         if n_lora > len(blocks):
             raise ValueError(f"lora.encoder_blocks={n_lora} but the encoder has {len(blocks)} attention blocks")
         for i in blocks[len(blocks) - n_lora:] if n_lora else []:
@@ -198,11 +199,27 @@ class PFedSAM(nn.Module):
         return self.prefix_units == len(self._units)
 
     # -- forward -----------------------------------------------------------------------------------------
-    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen prefix features of preprocessed images ``(B, 3, S, S)`` (cacheable per image)."""
+    @property
+    def embedding_units(self) -> int:
+        """Encoder units up to the image embedding (``encode_prefix(images, embedding_units)``)."""
+        return len(self._units)
+
+    @property
+    def frozen_without_experts(self) -> bool:
+        """True when nothing in the encoder trains: with the experts off it maps an image to the frozen embedding."""
+        return not self._encoder_lora
+
+    def encode_prefix(self, images: torch.Tensor, units: int | None = None) -> torch.Tensor:
+        """Frozen prefix features of preprocessed images ``(B, 3, S, S)`` (cacheable per image).
+
+        Arguments:
+          images: preprocessed images.
+          units: encoder units to run (default ``prefix_units``; ``embedding_units`` gives the
+            image embedding, frozen only when ``frozen_without_experts``).
+        """
         x = images
         with torch.no_grad():
-            for _, fn, _ in self._units[: self.prefix_units]:
+            for _, fn, _ in self._units[: self.prefix_units if units is None else units]:
                 x = fn(x)
         return x
 

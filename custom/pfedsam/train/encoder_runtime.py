@@ -74,12 +74,13 @@ def resolve_runtime(choice: str, backbone: str, device: torch.device) -> tuple[s
 
 
 class _Prefix(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, units: int | None) -> None:
         super().__init__()
         self.model = model
+        self.units = units
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_prefix(images)
+        return self.model.encode_prefix(images, self.units)
 
 
 class OnnxPrefixEncoder:
@@ -90,14 +91,16 @@ class OnnxPrefixEncoder:
       path (Path): the ONNX file; exported there (atomically) when missing, reused otherwise.
       image_size (int): input side of the export.
       threads (int): ONNX Runtime intra-op threads (0 = torch's thread count).
+      units (int|None): encoder units exported (default: the model's frozen prefix).
     """
 
-    def __init__(self, model: nn.Module, path: str | Path, image_size: int, threads: int = 0) -> None:
+    def __init__(self, model: nn.Module, path: str | Path, image_size: int, threads: int = 0,
+                 units: int | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
         if not self.path.is_file():
-            self.export(model, self.path, image_size)
+            self.export(model, self.path, image_size, units)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -105,7 +108,7 @@ class OnnxPrefixEncoder:
         self.input = self.session.get_inputs()[0].name
 
     @staticmethod
-    def export(model: nn.Module, path: Path, image_size: int) -> None:
+    def export(model: nn.Module, path: Path, image_size: int, units: int | None = None) -> None:
         """Export the prefix for one image (legacy exporter, opset 17).
 
         One image per call: TinyViT's reshapes are traced with the batch size as a constant, so
@@ -113,7 +116,7 @@ class OnnxPrefixEncoder:
         """
         log.info(f"exporting the frozen encoder to {path} (once per backbone)")
         was_training = model.training
-        wrapper = _Prefix(model).eval()  # the exporter restores the wrapper's mode: never train()
+        wrapper = _Prefix(model, units).eval()  # the exporter restores the wrapper's mode: never train()
         dummy = torch.rand(1, 3, image_size, image_size)
         try:
             atomic_write(path, lambda tmp: torch.onnx.export(

@@ -72,6 +72,23 @@ class Stream:
     start: int = 0
 
 
+@dataclass(frozen=True)
+class Features:
+    """A batch's cached encoder outputs.
+
+    Arguments:
+      prefix: the frozen prefix's features, the input of every pass with the experts on.
+      embedding: the image embedding ``(B, C, h, w)`` (``train.global_from_embedding``), the input
+        of the passes with the experts off; None = those run from ``prefix`` too.
+    """
+
+    prefix: torch.Tensor
+    embedding: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Features:
+        return Features(self.prefix.to(device), None if self.embedding is None else self.embedding.to(device))
+
+
 def feature_grid(feats: torch.Tensor, is_embedding: bool) -> tuple[torch.Tensor, tuple[int, int]]:
     """A view of a batch of prefix features with a spatial grid, and the (row, column) dims of one sample.
 
@@ -89,22 +106,31 @@ def feature_grid(feats: torch.Tensor, is_embedding: bool) -> tuple[torch.Tensor,
 
 
 def flip_batch(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor, is_embedding: bool,
-               rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rng: random.Random, embedding: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Feature-space flips (in place): each sample's prefix features, mask and box flipped together.
 
     Arguments:
       feats: cached prefix features, any layout ``feature_grid`` knows.
       masks: ``(B, 1, S, S)``; boxes: ``(B, 4)`` as (x0, y0, x1, y1) in pixels of S.
       rng: draws a horizontal, then a vertical flip per sample, each with probability 1/2.
+      embedding: the same images' embedding ``(B, C, h, w)``, flipped with them (the draws do not
+        depend on it, so the flips are those of a run without it).
     """
     size = masks.shape[-1]
-    grid, (h_dim, w_dim) = feature_grid(feats, is_embedding)
+    grids = [feature_grid(feats, is_embedding)]
+    if embedding is not None:
+        grids.append(feature_grid(embedding, True))
     for b in range(feats.shape[0]):
         if rng.random() < 0.5:
-            grid[b], masks[b] = grid[b].flip(w_dim), masks[b].flip(-1)
+            for grid, (_, w_dim) in grids:
+                grid[b] = grid[b].flip(w_dim)
+            masks[b] = masks[b].flip(-1)
             boxes[b, [0, 2]] = size - boxes[b, [2, 0]]
         if rng.random() < 0.5:
-            grid[b], masks[b] = grid[b].flip(h_dim), masks[b].flip(-2)
+            for grid, (h_dim, _) in grids:
+                grid[b] = grid[b].flip(h_dim)
+            masks[b] = masks[b].flip(-2)
             boxes[b, [1, 3]] = size - boxes[b, [3, 1]]
     return feats, masks, boxes
 
@@ -124,13 +150,16 @@ class _Split:
     use and then kept, as bool arrays.
     """
 
-    def __init__(self, dataset: SiteDataset, cache: FeatureCache) -> None:
+    def __init__(self, dataset: SiteDataset, cache: FeatureCache, embedding_cache: FeatureCache | None = None) -> None:
         self.dataset = dataset
         self.keys: list[str] = []
+        self.embedding_keys: list[str] = []  # keys of embedding_cache (train.global_from_embedding)
         masks, boxes, valid = [], [], []
         for i in range(len(dataset)):
             sample = dataset.plain_sample(i)
             self.keys.append(cache.key(sample["image"]))
+            if embedding_cache is not None:
+                self.embedding_keys.append(embedding_cache.key(sample["image"]))
             masks.append(sample["mask"].to(torch.uint8))
             boxes.append(sample["box"])
             valid.append(sample["valid_hw"])
@@ -183,10 +212,19 @@ class SiteTrainer:
         self._seg = segmentation_loss()
 
         size = resolved_image_size(cfg)
-        fingerprint = f"{backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)}-prefix{self.model.prefix_units}"
+        backbone = backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)
         cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else default_cache_dir()
-        self.cache = FeatureCache(cfg.train.cache, fingerprint, cache_dir if cfg.train.cache == "disk" else None,
-                                  dtype=cfg.train.cache_dtype, max_bytes=int(cfg.train.cache_max_gb * 1e9))
+
+        def feature_cache(units: int) -> FeatureCache:
+            return FeatureCache(cfg.train.cache, f"{backbone}-prefix{units}",
+                                cache_dir if cfg.train.cache == "disk" else None,
+                                dtype=cfg.train.cache_dtype, max_bytes=int(cfg.train.cache_max_gb * 1e9))
+
+        self.cache = feature_cache(self.model.prefix_units)
+        # With the experts inside the encoder, the passes without them can read the embedding instead
+        # (the same cache entries as a run with the experts on the embedding).
+        self.embedding_cache = (feature_cache(self.model.embedding_units)
+                                if cfg.train.global_from_embedding and not self.model.prefix_is_embedding else None)
         if self.cache.mode == "disk":
             log.info(f"{site_name}: feature cache {cache_dir} ({cfg.train.cache_dtype}, bound "
                      f"{cfg.train.cache_max_gb:g} GB; train.cache_dir to move it)")
@@ -194,8 +232,8 @@ class SiteTrainer:
         if why:
             log.info(why)
         self._onnx_dir = cache_dir if self.cache.mode == "disk" else self.workdir
-        self._fingerprint = fingerprint
-        self._onnx: OnnxPrefixEncoder | None = None
+        self._backbone = backbone
+        self._onnx: dict[int, OnnxPrefixEncoder] = {}  # per number of encoder units exported
 
         split = load_split(self.site_dir, seed=cfg.train.seed, fractions=tuple(cfg.data.split_fractions))
         self.datasets: dict[str, SiteDataset] = {}
@@ -293,28 +331,42 @@ class SiteTrainer:
     # -- data --------------------------------------------------------------------------------------------
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
-            self._splits[name] = _Split(self.datasets[name], self.cache)
+            self._splits[name] = _Split(self.datasets[name], self.cache, self.embedding_cache)
         return self._splits[name]
 
-    def _prefix(self, split: _Split, idx: list[int]) -> torch.Tensor:
+    def _prefix(self, split: _Split, idx: list[int], embedding: bool = False) -> torch.Tensor:
+        """Cached features of images ``idx``: the prefix's, or with ``embedding`` the image embedding."""
         def load(pos: list[int]) -> torch.Tensor:
             return torch.stack([split.dataset.plain_sample(idx[p])["image"] for p in pos])
 
-        keys = [split.keys[i] for i in idx]
+        units = self.model.embedding_units if embedding else self.model.prefix_units
         if not self.cache.enabled:
-            return self.encode_images(load(list(range(len(idx)))))
-        return self.cache.features(keys, load, self.encode_images, self.cfg.train.batch_size)
+            return self.encode_images(load(list(range(len(idx)))), units)
+        cache, keys = (self.embedding_cache, split.embedding_keys) if embedding else (self.cache, split.keys)
+        return cache.features([keys[i] for i in idx], load, lambda x: self.encode_images(x, units),
+                              self.cfg.train.batch_size)
+
+    def _features(self, split: _Split, idx: list[int]) -> Features:
+        embedding = self._prefix(split, idx, embedding=True) if self.embedding_cache is not None else None
+        return Features(self._prefix(split, idx), embedding)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen prefix features of preprocessed images, by ``train.encoder_runtime`` (the cache fill)."""
+    def encode_images(self, images: torch.Tensor, units: int | None = None) -> torch.Tensor:
+        """Frozen prefix features of preprocessed images, by ``train.encoder_runtime`` (the cache fill).
+
+        Arguments:
+          images: preprocessed images ``(B, 3, S, S)``.
+          units: encoder units to run (default: the model's prefix).
+        """
+        units = self.model.prefix_units if units is None else units
         if self.encoder_runtime == "onnxruntime":
-            if self._onnx is None:
-                self._onnx = OnnxPrefixEncoder(self.model, onnx_path(self._onnx_dir, self._fingerprint),
-                                               self.model.image_size)
-            return self._onnx(images)
+            if units not in self._onnx:
+                self._onnx[units] = OnnxPrefixEncoder(
+                    self.model, onnx_path(self._onnx_dir, f"{self._backbone}-prefix{units}"), self.model.image_size,
+                    units=units)
+            return self._onnx[units](images)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model.encode_prefix(images.to(self.device)).float()
+            return self.model.encode_prefix(images.to(self.device), units).float()
 
     def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test"), every_s: float = 10.0) -> dict:
         """Compute and store the prefix features of every image in ``splits`` once.
@@ -322,36 +374,45 @@ class SiteTrainer:
         Arguments:
           splits: the splits to fill.
           every_s: seconds between progress lines (images done, images/s, time left) in the log.
-        Returns ``{"images", "computed", "seconds"}``.
+        Returns ``{"images", "computed", "seconds"}`` (``computed`` counts the embedding
+        cache's entries too with ``train.global_from_embedding``).
         """
         if not self.cache.enabled:
             return {"images": 0, "computed": 0, "seconds": 0.0}
         start = time.perf_counter()
-        todo = [(name, i) for name in splits for i, k in enumerate(self._split(name).keys)
-                if not self.cache.contains(k)]
         total = sum(len(self._split(name)) for name in splits)
-        if todo:
-            log.info(f"{self.site_name}: filling the feature cache: {len(todo)} of {total} images to encode "
-                     f"({self.encoder_runtime})")
         bs = self.cfg.train.batch_size
-        last = fill_start = time.perf_counter()
-        for n in range(0, len(todo), bs):
-            chunk = todo[n : n + bs]
-            for name in dict.fromkeys(name for name, _ in chunk):
-                self._prefix(self._split(name), [i for nm, i in chunk if nm == name])
-            done = n + len(chunk)
-            now = time.perf_counter()
-            if now - last >= every_s or done == len(todo):
-                rate = done / max(now - fill_start, 1e-9)
-                log.info(f"{self.site_name}: cache fill {done}/{len(todo)} images, {rate:.2f} images/s, "
-                         f"about {(len(todo) - done) / rate:.0f} s left")
-                last = now
-        for name in splits:  # load the ones already on disk into memory
-            split = self._split(name)
-            for begin in range(0, len(split), bs):
-                self._prefix(split, list(range(begin, min(begin + bs, len(split)))))
-        self.cache.prune(keep={k for name in splits for k in self._split(name).keys})
-        return {"images": total, "computed": len(todo), "seconds": time.perf_counter() - start}
+        computed = 0
+        for embedding in (False, True) if self.embedding_cache is not None else (False,):
+            cache = self.embedding_cache if embedding else self.cache
+            what = "image embedding" if embedding else "feature"
+            todo = [(name, i) for name in splits
+                    for i, k in enumerate(self._split(name).embedding_keys if embedding else self._split(name).keys)
+                    if not cache.contains(k)]
+            if todo:
+                log.info(f"{self.site_name}: filling the {what} cache: {len(todo)} of {total} images to encode "
+                         f"({self.encoder_runtime})")
+            last = fill_start = time.perf_counter()
+            for n in range(0, len(todo), bs):
+                chunk = todo[n : n + bs]
+                for name in dict.fromkeys(name for name, _ in chunk):
+                    self._prefix(self._split(name), [i for nm, i in chunk if nm == name], embedding)
+                done = n + len(chunk)
+                now = time.perf_counter()
+                if now - last >= every_s or done == len(todo):
+                    rate = done / max(now - fill_start, 1e-9)
+                    log.info(f"{self.site_name}: {what} cache fill {done}/{len(todo)} images, {rate:.2f} images/s, "
+                             f"about {(len(todo) - done) / rate:.0f} s left")
+                    last = now
+            computed += len(todo)
+            for name in splits:  # load the ones already on disk into memory
+                split = self._split(name)
+                for begin in range(0, len(split), bs):
+                    self._prefix(split, list(range(begin, min(begin + bs, len(split)))), embedding)
+        # one bound for the folder both caches share: neither may evict this run's entries of the other
+        keep = {k for name in splits for k in (*self._split(name).keys, *self._split(name).embedding_keys)}
+        self.cache.prune(keep=keep)
+        return {"images": total, "computed": computed, "seconds": time.perf_counter() - start}
 
     def _open_stream(self, stream: Stream) -> None:
         """Position the batch order and seed the augmentation for one phase of one round."""
@@ -375,23 +436,23 @@ class SiteTrainer:
             self._pos += 1
         return out
 
-    def _train_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prefix features, masks, boxes) of the next training batch, augmented."""
+    def _train_batch(self) -> tuple[Features, torch.Tensor, torch.Tensor]:
+        """(cached features, masks, boxes) of the next training batch, augmented."""
         split = self._split("train")
         if len(split) == 0:
             raise RuntimeError(f"site '{self.site_name}' has no training images in {self.site_dir}")
         idx = self._next_indices(self.cfg.train.batch_size, len(split))
         if self.cache.enabled:
-            feats = self._prefix(split, idx)
+            feats = self._features(split, idx)
             masks = split.masks[idx].float()
             boxes = split.boxes[idx].clone()
             if self.cfg.data.augment:
-                feats, masks, boxes = flip_batch(feats, masks, boxes, self.model.prefix_is_embedding, self._rng)
+                flip_batch(feats.prefix, masks, boxes, self.model.prefix_is_embedding, self._rng, feats.embedding)
         else:  # image-space augmentation, full encoder pass every step
             samples = [split.dataset[i] for i in idx]
             images = torch.stack([s["image"] for s in samples]).to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                feats = self.model.encode_prefix(images).float()
+                feats = Features(self.model.encode_prefix(images).float())
             masks = torch.stack([s["mask"] for s in samples])
             boxes = torch.stack([s["box"] for s in samples])
         if self.cfg.prompt == "box":
@@ -451,18 +512,24 @@ class SiteTrainer:
         out.update(steps=done, images=done * self.cfg.train.batch_size, seconds=time.perf_counter() - start)
         return out
 
-    def local_loss(self, feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _logits(self, feats: Features, boxes: torch.Tensor, experts: bool) -> torch.Tensor:
+        """Mask logits with the experts on (from the prefix) or off (from the embedding when cached)."""
+        if not experts and feats.embedding is not None:
+            return self.model.decode(feats.embedding, boxes)
+        return self.model.forward_from_prefix(feats.prefix, boxes, use_experts=experts)
+
+    def local_loss(self, feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
         """seg(student) + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance.
 
         KD is off before round ``train.kd_start_round``; with ``train.kd_gate: teacher_dice`` each
         image's KL is weighted by the teacher's Dice on it.
         """
         t = self.cfg.train
-        student = self.model.forward_from_prefix(feats, boxes, use_experts=True).float()
+        student = self._logits(feats, boxes, experts=True).float()
         parts = {"seg": self._seg(student, masks), "balance": self.model.balance_loss().to(student.device)}
         if t.kd_weight > 0 and self._stream.round >= t.kd_start_round:
             with torch.no_grad():
-                teacher = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
+                teacher = self._logits(feats, boxes, experts=False).float()
             gate = teacher_dice(teacher, masks, self.cfg.eval.threshold) if t.kd_gate == "teacher_dice" else None
             parts["kd"] = distillation_loss(student, teacher, t.kd_temperature, gate)
         else:
@@ -486,8 +553,8 @@ class SiteTrainer:
         names = set(self.global_names())
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names} if weight else {}
 
-        def loss(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-            logits = self.model.forward_from_prefix(feats, boxes, use_experts=False).float()
+        def loss(feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self._logits(feats, boxes, experts=False).float()
             parts = {"seg": self._seg(logits, masks)}
             parts["loss"] = parts["seg"]
             if weight:
@@ -542,8 +609,8 @@ class SiteTrainer:
         """Ablation: global and local trained together on seg + balance (FedRep/FedPer-style)."""
         bal = self.cfg.train.balance_weight
 
-        def loss(feats: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-            logits = self.model.forward_from_prefix(feats, boxes, use_experts=True).float()
+        def loss(feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self._logits(feats, boxes, experts=True).float()
             parts = {"seg": self._seg(logits, masks), "balance": self.model.balance_loss().to(logits.device)}
             parts["loss"] = parts["seg"] + bal * parts["balance"]
             return parts
@@ -555,10 +622,10 @@ class SiteTrainer:
     @torch.no_grad()
     def predict_logits(self, split: str, idx: list[int], which: str = "personalized") -> torch.Tensor:
         s = self._split(split)
-        feats = self._prefix(s, idx).to(self.device)
+        feats = self._features(s, idx).to(self.device)
         boxes = s.boxes[idx].to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model.forward_from_prefix(feats, boxes, use_experts=(which == "personalized")).float()
+            return self._logits(feats, boxes, experts=(which == "personalized")).float()
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", which: str = "personalized", per_image: bool = False) -> dict[str, Any]:
