@@ -119,8 +119,9 @@ def test_onnxruntime_cache_fill_matches_torch_and_exports_once(tmp_path, site, m
     monkeypatch.setenv("PFEDSAM_CACHE_DIR", str(tmp_path / "cache"))
     ort = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu", "train.encoder_runtime=onnxruntime"]),
                       "site-1", site_dir=site, workdir=tmp_path / "a")
-    pt = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu", "train.encoder_runtime=torch"]),
-                     "site-1", site_dir=site, workdir=tmp_path / "b")
+    # float32 on both sides: ONNX Runtime runs the export in float32, the torch path would use bf16 on a CPU with it
+    pt = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu", "train.encoder_runtime=torch",
+                                            "train.amp=false"]), "site-1", site_dir=site, workdir=tmp_path / "b")
     images = torch.stack([ort.datasets["train"].plain_sample(i)["image"] for i in range(3)])
     a, b = ort.encode_images(images), pt.encode_images(images)
     torch.testing.assert_close(a, b, atol=1e-4 * b.abs().max().item(), rtol=1e-4)
