@@ -64,7 +64,9 @@ from pfedsam.data import discover_sites, load_split  # noqa: E402
 from pfedsam.jobs import variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
+from pfedsam.train.encoder_runtime import bf16_autocast  # noqa: E402
 from pfedsam.train.rounds import has_one_model  # noqa: E402
+from pfedsam.train.site import select_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its jobs/ and results/ (the code is the installed package)
 MAIN_JOB = ROOT / "jobs" / "pfedsam"
@@ -293,6 +295,26 @@ def changed_settings(recorded: dict[str, object], now: dict[str, object]) -> lis
     """
     return [f"{k}: recorded {recorded[k]!r}, now {now[k]!r}" for k in sorted(recorded.keys() & now.keys())
             if json.dumps(recorded[k], default=str) != json.dumps(now[k], default=str)]
+
+
+def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
+    """Where a row ran and in what arithmetic: ``train.amp`` means bf16 only where the hardware has it,
+    so the same settings give float32 rows on one CPU and bf16 rows on another."""
+    dev = select_device(device)
+    bf16, _ = bf16_autocast(bool(settings.get("train.amp", True)), dev)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    else:
+        info: dict[str, str] = {}
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+        except OSError:
+            pass
+        name = (f"{info.get('model name') or platform.processor() or platform.machine()} "
+                f"(family {info.get('cpu family', '?')} model {info.get('model', '?')})")
+    return {"device": name, "precision": "bf16" if bf16 else "float32"}
 
 
 # -- scoring --------------------------------------------------------------------------------------------
@@ -622,20 +644,27 @@ def variant_interval_table(results: dict) -> list[str]:
             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
 
+def machine_text(machine: dict | None) -> str:
+    if not machine:
+        return "not recorded"
+    return f"{machine['device']}, {machine['precision']}" + (" (stamped afterwards)" if machine.get("stamped") else "")
+
+
 def budget_table(results: dict) -> list[str]:
     lines = ["| method | setting | seed | steps/site | images/site | train img/s | wall time (min) | "
-             "MB/round/site | rejected updates |", "|---|---|---|---|---|---|---|---|---|"]
+             "MB/round/site | rejected updates | ran on, precision |", "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in sorted(results["runs"].items(), key=lambda kr: (ORDER.index(kr[0].split("|")[0])
                                                                    if kr[0].split("|")[0] in ORDER else 99, kr[0])):
         m, p, s, tag = key.split("|")
         if "error" in r:
-            lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | error: {r['error']} ||||||")
+            lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | error: {r['error']} |||||||")
             continue
         mb = r.get("bytes_per_round_per_site")
         lines.append(f"| {m} | {tag} | {s.removeprefix('seed')} | {_fmt(r.get('steps_per_site'), '.0f')} | "
                      f"{_fmt(r.get('images_per_site'), '.0f')} | {_fmt(r.get('train_images_per_s'), '.1f')} | "
                      f"{_fmt(r.get('wall_s', float('nan')) / 60, '.1f')} | "
-                     f"{_fmt(None if mb is None else mb / 1e6, '.2f')} | {len(r.get('rejected', []))} |")
+                     f"{_fmt(None if mb is None else mb / 1e6, '.2f')} | {len(r.get('rejected', []))} | "
+                     f"{machine_text(r.get('machine'))} |")
     return lines
 
 
@@ -886,6 +915,7 @@ def main() -> None:
             row = {"error": f"{type(exc).__name__}: {exc}"}
         row.setdefault("wall_s", time.perf_counter() - start)
         row["search"], row["settings"] = search, now
+        row["machine"] = machine_of(now, args.device)
         results["runs"][key] = row
         save()
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
@@ -908,6 +938,9 @@ def main() -> None:
                 continue
             try:
                 results["unseen"][centre] = run_unseen(centre, args, sites, seeds[0], args.prompt, results)
+                results["unseen"][centre]["machine"] = machine_of(
+                    settings_of("pfedsam", args, seeds[0], args.prompt, chosen_setting(results, "pfedsam")[0]),
+                    args.device)
             except Exception as exc:
                 results["unseen"][centre] = {"error": f"{type(exc).__name__}: {exc}"}
             save()

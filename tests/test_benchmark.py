@@ -250,6 +250,30 @@ def test_errors_are_listed_not_averaged():
     assert any("error: RuntimeError: boom" in line for line in bench.budget_table(results))
 
 
+@pytest.mark.parametrize("amp", [True, False])
+def test_each_row_records_its_cpu_and_the_precision_amp_gave_there(amp):
+    """train.amp means bf16 only on hardware with it: the same settings give float32 rows on one CPU
+    and bf16 rows on another, so each row says which it got."""
+    import torch
+
+    machine = bench.machine_of({"train.amp": amp}, "cpu")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert machine["precision"] == ("bf16" if amp and native else "float32")
+    assert "family" in machine["device"] or machine["device"]  # /proc/cpuinfo where there is one
+
+
+@pytest.mark.parametrize("machine,text", [
+    (None, "not recorded"),
+    ({"device": "AMD EPYC (family 25 model 17)", "precision": "bf16"}, "AMD EPYC (family 25 model 17), bf16"),
+    ({"device": "X", "precision": "float32", "stamped": "from the docs"}, "X, float32 (stamped afterwards)"),
+])
+def test_the_budget_table_names_where_and_in_what_precision_a_row_ran(machine, text):
+    runs = {"pfedsam|none|seed0|lr=1": {"wall_s": 60.0, "steps_per_site": 304, "images_per_site": 1216,
+                                        **({"machine": machine} if machine else {})}}
+    lines = bench.budget_table(_results(runs))
+    assert lines[0].endswith("| ran on, precision |") and lines[2].endswith(f"| {text} |")
+
+
 def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
     args = bench.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path)])
     stored = _results({})
