@@ -37,13 +37,17 @@ from pfedsam.model import build_pfedsam
 
 
 def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers (a VM often shows only "AMD EPYC",
+    while e.g. family 25 model 1 (Zen 3) and model 17 (Zen 4, with bf16) differ in speed and arithmetic)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name} (family {info['cpu family']} model {info['model']})" if "cpu family" in info else name
 
 
 Engine = tuple[str, Callable[[], object], Callable[[], object], Callable[[], None]]  # label, encode, decode, sync

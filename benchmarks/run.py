@@ -57,6 +57,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import federate  # noqa: E402
+from latency import cpu_name  # noqa: E402
 from stats import interval_text, mean_std, paired_difference, verdict  # noqa: E402
 
 from pfedsam.config import PFedSAMConfig, load_config  # noqa: E402
@@ -302,18 +303,7 @@ def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
     so the same settings give float32 rows on one CPU and bf16 rows on another."""
     dev = select_device(device)
     bf16, _ = bf16_autocast(bool(settings.get("train.amp", True)), dev)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        info: dict[str, str] = {}
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-        except OSError:
-            pass
-        name = (f"{info.get('model name') or platform.processor() or platform.machine()} "
-                f"(family {info.get('cpu family', '?')} model {info.get('model', '?')})")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     return {"device": name, "precision": "bf16" if bf16 else "float32"}
 
 

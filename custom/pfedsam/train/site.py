@@ -77,16 +77,17 @@ class Features:
     """A batch's cached encoder outputs.
 
     Arguments:
-      prefix: the frozen prefix's features, the input of every pass with the experts on.
+      prefix: the frozen prefix's features, the input of every pass with the experts on (None when
+        only passes without them read this batch).
       embedding: the image embedding ``(B, C, h, w)`` (``train.global_from_embedding``), the input
         of the passes with the experts off; None = those run from ``prefix`` too.
     """
 
-    prefix: torch.Tensor
+    prefix: torch.Tensor | None
     embedding: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Features:
-        return Features(self.prefix.to(device), None if self.embedding is None else self.embedding.to(device))
+        return Features(*(None if t is None else t.to(device) for t in (self.prefix, self.embedding)))
 
 
 def feature_grid(feats: torch.Tensor, is_embedding: bool) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -346,9 +347,13 @@ class SiteTrainer:
         return cache.features([keys[i] for i in idx], load, lambda x: self.encode_images(x, units),
                               self.cfg.train.batch_size)
 
-    def _features(self, split: _Split, idx: list[int]) -> Features:
-        embedding = self._prefix(split, idx, embedding=True) if self.embedding_cache is not None else None
-        return Features(self._prefix(split, idx), embedding)
+    def _features(self, split: _Split, idx: list[int], experts: bool | None = None) -> Features:
+        """The cached inputs of images ``idx`` that passes with (True), without (False) or with and
+        without (None) the experts read."""
+        embedding = self.embedding_cache is not None and experts is not True
+        prefix = experts is not False or not embedding
+        return Features(self._prefix(split, idx) if prefix else None,
+                        self._prefix(split, idx, embedding=True) if embedding else None)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, units: int | None = None) -> torch.Tensor:
@@ -622,10 +627,11 @@ class SiteTrainer:
     @torch.no_grad()
     def predict_logits(self, split: str, idx: list[int], which: str = "personalized") -> torch.Tensor:
         s = self._split(split)
-        feats = self._features(s, idx).to(self.device)
+        experts = which == "personalized"
+        feats = self._features(s, idx, experts).to(self.device)
         boxes = s.boxes[idx].to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self._logits(feats, boxes, experts=(which == "personalized")).float()
+            return self._logits(feats, boxes, experts).float()
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", which: str = "personalized", per_image: bool = False) -> dict[str, Any]:
