@@ -634,6 +634,38 @@ def variant_interval_table(results: dict) -> list[str]:
             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
 
+def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
+    """The (CPU, precision) every run of a row recorded, or None when they differ or one did not record it."""
+    where = {(r["machine"]["device"], r["machine"]["precision"]) if r.get("machine") else None for _, r in rows}
+    return where.pop() if len(where) == 1 and None not in where else None
+
+
+def same_machine_table(results: dict) -> list[str]:
+    """pFedSAM's design variants (seeds pooled) minus every other method's row recorded on the same CPU
+    in the same precision (its chosen setting, or a variant of it), paired over test images.
+
+    The main and variant tables pair rows whatever they ran on; this one pairs like with like only.
+    """
+    sites, groups = results["sites"], grouped_runs(results)
+    lines = []
+    for (m, p, tag), rows in groups.items():
+        where = ran_on(rows)
+        if not m.startswith("pfedsam") or "+" not in tag or where is None:
+            continue
+        ref = pooled_images([r for _, r in rows], sites)
+        for (m2, p2, tag2), rows2 in groups.items():
+            if m2.startswith("pfedsam") or p2 != p or ran_on(rows2) != where or m2 not in ORDER \
+                    or tag2.split("+")[0] != tag_of(chosen_setting(results, m2)[0]):
+                continue
+            other = pooled_images([r for _, r in rows2], sites)
+            overall = paired_difference(ref, other)
+            cells = [interval_text(paired_difference({s: ref[s]}, {s: other[s]})) for s in sites]
+            lines.append(f"| {m} {tag} | {m2} {tag2} | {where[0]}, {where[1]} | {len(rows)} / {len(rows2)} | "
+                         f"**{interval_text(overall)}** | {verdict(overall)} | " + " | ".join(cells) + " |")
+    return ["| variant | minus | ran on, precision | seeds (variant / other) | **mean difference [95% CI]** | "
+            "reading | " + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 6), *lines] if lines else []
+
+
 def machine_text(machine: dict | None) -> str:
     if not machine:
         return "not recorded"
@@ -691,6 +723,9 @@ def markdown(results: dict) -> str:
     if against := variant_interval_table(results):
         out += ["", "## Design variants against each main row (test, paired bootstrap, seeds pooled; for the record)",
                 "", *against]
+    if alike := same_machine_table(results):
+        out += ["", "## Design variants against rows run on the same CPU in the same precision (test, paired "
+                "bootstrap, seeds pooled)", "", *alike]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
     out += ["", "## Every run: budget and cost", "", *budget_table(results)]

@@ -243,6 +243,24 @@ def test_design_variants_are_set_against_every_main_row_with_their_seeds_pooled(
     assert bench.variant_interval_table(_results({k: v for k, v in runs.items() if "+" not in k}, tuned)) == []
 
 
+def test_design_variants_are_paired_with_rows_run_on_the_same_cpu_in_the_same_precision():
+    zen3, zen4 = ({"device": "Zen 3", "precision": "float32"}, {"device": "Zen 4", "precision": "bf16"})
+    variant = "lr=3+lmoe.placement=blocks,lmoe.blocks=2"
+    runs = {f"pfedsam|none|seed{s}|{variant}": _run([0.8, 0.8], [0.8, 0.8], machine=zen4) for s in (0, 1)}
+    runs |= {"fedavg|none|seed0|lr=3": _run([0.5, 0.5], [0.5, 0.5], machine=zen3),  # another CPU: not paired
+             "fedavg|none|seed0|lr=3+train.amp=True": _run([0.6, 0.6], [0.6, 0.6], machine=zen4),
+             "fedavg|none|seed1|lr=3+train.amp=True": _run([0.8, 0.8], [0.8, 0.8], machine=zen4),  # pooled: 0.7
+             "fedavg|none|seed0|lr=10": _run([0.1, 0.1], [0.1, 0.1], machine=zen4),  # a search row: not paired
+             "ditto|none|seed0|lr=3": _run([0.9, 0.9], [0.9, 0.9])}  # no record of where it ran: not paired
+    tuned = {m: {"tag": "lr=3", "setting": {"lr": 3.0}} for m in ("pfedsam", "fedavg", "ditto")}
+    shift = "+0.100 [+0.100, +0.100]"
+    assert bench.same_machine_table(_results(runs, tuned))[2:] == [
+        f"| pfedsam {variant} | fedavg lr=3+train.amp=True | Zen 4, bf16 | 2 / 2 | **{shift}** | ahead | "
+        f"{shift} | {shift} |"]
+    runs[f"pfedsam|none|seed1|{variant}"]["machine"] = zen3  # a variant whose seeds ran apart pairs with nothing
+    assert bench.same_machine_table(_results(runs, tuned)) == []
+
+
 def test_errors_are_listed_not_averaged():
     runs = {"pfedsam|none|seed0|lr=1": {"error": "RuntimeError: boom", "wall_s": 1.0}}
     results = _results(runs)
