@@ -352,3 +352,53 @@ def test_weightless_build_has_the_same_names(backbone, overrides, device, monkey
     for kind in ParamKind:
         assert skeleton.registry.names(kind) == real.registry.names(kind)
     assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+
+
+# rows x channels of the decoder's large LayerNorms (image keys, upscaling), and bf16 autocast or not
+@pytest.mark.parametrize("rows,channels,amp", [(16384, 256, False), (16384, 256, True), (65536, 32, True)])
+def test_layer_norm_gradients_do_not_depend_on_the_thread_count(rows, channels, amp):
+    """torch's CPU LayerNorm sums its weight/bias gradients per thread; the simulator's -t changes the
+    thread count, so without ThreadInvariantLayerNorm -t 1 and -t 2 train apart."""
+    from pfedsam.model.norm import ThreadInvariantLayerNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, channels)
+    reference = torch.nn.LayerNorm(channels)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-0.5, 0.5)
+    norm = ThreadInvariantLayerNorm(channels)
+    norm.load_state_dict(reference.state_dict())
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            norm.zero_grad()
+            reference.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = norm(xg)
+                (torch.nn.functional.linear(y, torch.ones(4, channels)).float().square().mean()).backward()
+            grads.append((y.detach().float(), xg.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+            ref_x = x.clone().requires_grad_(True)
+            torch.nn.functional.linear(reference(ref_x), torch.ones(4, channels)).float().square().mean().backward()
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other, strict=True):
+            assert torch.equal(a, b)
+    if not amp:  # the same LayerNorm as torch's, up to rounding
+        for ours, theirs in ((grads[-1][2], reference.weight.grad), (grads[-1][3], reference.bias.grad),
+                             (grads[-1][1], ref_x.grad)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grads[-1][0], reference(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_decoder_layer_norms_are_thread_invariant_with_the_same_names():
+    from pfedsam.model.norm import ThreadInvariantLayerNorm
+
+    model = build_pfedsam(load_config(overrides=["backbone=tiny"]))
+    norms = [m for m in model.mask_decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is ThreadInvariantLayerNorm for m in norms)
+    assert "mask_decoder.transformer.layers.0.norm1.weight" in global_state(model)  # names kept
+    assert all(type(m) is not ThreadInvariantLayerNorm for m in model.image_encoder.modules())  # frozen

@@ -20,6 +20,7 @@ from ..config import PFedSAMConfig, resolved_image_size
 from .backbones import build_backbone
 from .lmoe import LocalizedMoE
 from .lora import LoRALinear, qkv_indices_sam, qkv_indices_tinyvit
+from .norm import layer_norm, make_thread_invariant
 from .registry import ParameterRegistry, ParamKind
 
 Unit = tuple[str, Callable[[torch.Tensor], torch.Tensor], nn.Module | None]  # name, fn, attention block
@@ -89,7 +90,7 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     # over the largest tensors of the step, and on a CPU those passes cost as much as the matmuls.
     w1 = ct1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (ky, kx, out) x in
     x = F.linear(tokens, w1, ct1.bias.repeat(4)).view(b, n, 4, c1)
-    x = act1(F.layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
+    x = act1(layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
     w2 = ct2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
     x = act2(F.linear(x, w2, ct2.bias.repeat(4)).view(b, n, 4, 4, c2))
     logits = (x @ hyper.view(b, 1, 1, c2, 1)).view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
@@ -110,6 +111,7 @@ class PFedSAM(nn.Module):
         self.image_encoder = sam.image_encoder
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
+        make_thread_invariant(self.mask_decoder)  # the same gradients whatever the CPU thread count
         self.image_size = resolved_image_size(cfg)
         self.prompt = cfg.prompt
         self.use_experts = True

@@ -1,0 +1,92 @@
+"""LayerNorm whose weight and bias gradients do not depend on the number of CPU threads.
+
+PyTorch's CPU LayerNorm backward sums the weight and bias gradients over the rows with one
+partial sum per thread, so the same step gives different gradients with 1 and 2 threads
+(float32: a few ulp; bf16 autocast: enough to move a report's 4th decimal). The simulator
+gives each client ``cores // clients`` threads, so ``-t 1`` and ``-t 2`` trained apart. Here
+the normalization runs without affine (its input gradient is per row, thread-invariant) and
+the affine's parameter gradients are summed on one thread: the forward pass is the same up
+to the rounding of the unfused affine; the backward pass costs a few ms more per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextmanager
+def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
+    """Reductions inside run serially on a CPU (a fixed summation order); no-op on other devices."""
+    threads = torch.get_num_threads()
+    serial = t.device.type == "cpu" and threads > 1
+    if serial:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if serial:
+            torch.set_num_threads(threads)
+
+
+class _Affine(torch.autograd.Function):
+    """``x * weight + bias`` over the last dimension; parameter gradients summed on one thread."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.addcmul(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = grad * weight if need_x else None
+        gw = gb = None
+        if need_w or need_b:
+            g = grad.reshape(-1, grad.shape[-1])
+            with _one_cpu_thread(g):
+                gw = (g * x.reshape(-1, x.shape[-1])).sum(0).to(weight.dtype) if need_w else None
+                gb = g.sum(0).to(weight.dtype) if need_b else None
+        return gx, gw, gb
+
+
+def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension with thread-invariant parameter gradients.
+
+    Arguments:
+      x: input ``(..., C)``.
+      shape: ``(C,)``: only the last dimension is normalized.
+      weight, bias: the affine ``(C,)``, or None for none.
+      eps: added to the variance.
+    """
+    if weight is None or bias is None or not (weight.requires_grad or bias.requires_grad):
+        return F.layer_norm(x, shape, weight, bias, eps)  # no parameter gradient to sum
+    if len(shape) != 1:
+        raise ValueError(f"layer_norm: only the last dimension can be normalized, got shape {shape}")
+    return _Affine.apply(F.layer_norm(x, shape, None, None, eps), weight, bias)
+
+
+class ThreadInvariantLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension whose parameter gradients are summed on one thread."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def make_thread_invariant(module: nn.Module) -> int:
+    """Turn every affine ``nn.LayerNorm`` over one dimension in ``module`` into a
+    ``ThreadInvariantLayerNorm`` in place (same parameters and state-dict names); returns how many.
+    """
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.LayerNorm and m.elementwise_affine and len(m.normalized_shape) == 1 \
+                and getattr(m, "bias", None) is not None:
+            m.__class__ = ThreadInvariantLayerNorm
+            n += 1
+    return n
