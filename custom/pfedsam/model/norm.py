@@ -6,7 +6,9 @@ partial sum per thread, so the same step gives different gradients with 1 and 2 
 gives each client ``cores // clients`` threads, so ``-t 1`` and ``-t 2`` trained apart. Here
 the normalization runs without affine (its input gradient is per row, thread-invariant) and
 the affine's parameter gradients are summed on one thread: the forward pass is the same up
-to the rounding of the unfused affine; the backward pass costs a few ms more per step.
+to the rounding of the unfused affine. Cost measured on 2 threads, LiteMedSAM, batch 4, bf16:
+local step level (0.596 against 0.599 s), global step 0.489 against 0.420 s (medians of 3,
+noisy; docs/results.md).
 """
 
 from __future__ import annotations
