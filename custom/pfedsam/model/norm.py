@@ -6,7 +6,8 @@ partial sum per thread, so the same step gives different gradients with 1 and 2 
 gives each client ``cores // clients`` threads, so ``-t 1`` and ``-t 2`` trained apart. Here
 the normalization runs without affine (its input gradient is per row, thread-invariant) and
 the affine's parameter gradients are summed on one thread: the forward pass is the same up
-to the rounding of the unfused affine. Cost measured on 2 threads, LiteMedSAM, batch 4, bf16:
+to the rounding of the unfused affine. Cost measured (before the elementwise product was
+moved out of the one-thread section) on 2 threads, LiteMedSAM, batch 4, bf16:
 local step level (0.596 against 0.599 s), global step 0.489 against 0.420 s (medians of 3,
 noisy; docs/results.md).
 """
@@ -51,8 +52,9 @@ class _Affine(torch.autograd.Function):
         gw = gb = None
         if need_w or need_b:
             g = grad.reshape(-1, grad.shape[-1])
-            with _one_cpu_thread(g):
-                gw = (g * x.reshape(-1, x.shape[-1])).sum(0).to(weight.dtype) if need_w else None
+            gx_hat = g * x.reshape(-1, x.shape[-1]) if need_w else None  # per element: any thread count
+            with _one_cpu_thread(g):  # only the sums over rows need the fixed order
+                gw = gx_hat.sum(0).to(weight.dtype) if need_w else None
                 gb = g.sum(0).to(weight.dtype) if need_b else None
         return gx, gw, gb
 
