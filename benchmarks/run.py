@@ -62,7 +62,7 @@ from stats import interval_text, mean_std, paired_difference, verdict  # noqa: E
 
 from pfedsam.config import PFedSAMConfig, load_config  # noqa: E402
 from pfedsam.data import discover_sites, load_split  # noqa: E402
-from pfedsam.jobs import variant_config  # noqa: E402
+from pfedsam.jobs import VARIANTS, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 from pfedsam.train.encoder_runtime import bf16_autocast  # noqa: E402
@@ -640,9 +640,19 @@ def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
     return where.pop() if len(where) == 1 and None not in where else None
 
 
+def labels_only(method: str, tag: str) -> bool:
+    """True when the variant part of ``tag`` (after ``+``) sets only what the job already sets, e.g.
+    ``lr=3+train.amp=True``: such a row is the method's own design, labelled by how it ran."""
+    base, _, variant = tag.partition("+")
+    if not variant or method not in VARIANTS:
+        return False
+    return variant_config(method, MAIN_JOB, nested(parse_overrides(variant))) == variant_config(method, MAIN_JOB, {})
+
+
 def same_machine_table(results: dict) -> list[str]:
     """pFedSAM's design variants (seeds pooled) minus every other method's row recorded on the same CPU
-    in the same precision (its chosen setting, or a variant of it), paired over test images.
+    in the same precision (its chosen setting, or a variant of it), and minus pFedSAM's own design
+    (chosen setting, variant that only labels it) run there; paired over test images.
 
     The main and variant tables pair rows whatever they ran on; this one pairs like with like only.
     """
@@ -653,9 +663,11 @@ def same_machine_table(results: dict) -> list[str]:
         if not m.startswith("pfedsam") or "+" not in tag or where is None:
             continue
         ref = pooled_images([r for _, r in rows], sites)
+        changes_design = not labels_only(m, tag)
         for (m2, p2, tag2), rows2 in groups.items():
-            if m2.startswith("pfedsam") or p2 != p or ran_on(rows2) != where or m2 not in ORDER \
-                    or tag2.split("+")[0] != tag_of(chosen_setting(results, m2)[0]):
+            own_design = m2 == m and changes_design and ("+" not in tag2 or labels_only(m2, tag2))
+            if (m2.startswith("pfedsam") and not own_design) or p2 != p or ran_on(rows2) != where \
+                    or m2 not in ORDER or tag2.split("+")[0] != tag_of(chosen_setting(results, m2)[0]):
                 continue
             other = pooled_images([r for _, r in rows2], sites)
             overall = paired_difference(ref, other)

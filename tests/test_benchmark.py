@@ -261,6 +261,26 @@ def test_design_variants_are_paired_with_rows_run_on_the_same_cpu_in_the_same_pr
     assert bench.same_machine_table(_results(runs, tuned)) == []
 
 
+def test_a_design_variant_is_paired_with_the_default_design_run_on_the_same_cpu():
+    """The own design counts when it ran at the chosen setting, bare or labelled by a variant that
+    changes nothing (``train.amp=True`` is the job's default); another design change does not."""
+    zen4 = {"device": "Zen 4", "precision": "bf16"}
+    variant = "lr=3+lmoe.placement=blocks,lmoe.blocks=2"
+    runs = {f"pfedsam|none|seed0|{variant}": _run([0.8, 0.8], [0.8, 0.8], machine=zen4),
+            "pfedsam|none|seed0|lr=3+train.amp=True": _run([0.6, 0.6], [0.6, 0.6], machine=zen4),
+            "pfedsam|none|seed0|lr=3+train.kd_weight=0": _run([0.1, 0.1], [0.1, 0.1], machine=zen4)}
+    tuned = {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}}
+    lines = bench.same_machine_table(_results(runs, tuned))[2:]
+    shift = "+0.200 [+0.200, +0.200]"
+    assert f"| pfedsam {variant} | pfedsam lr=3+train.amp=True | Zen 4, bf16 | 1 / 1 | **{shift}** | ahead | " \
+        f"{shift} | {shift} |" in lines
+    pairs = {tuple(cell.strip() for cell in line.split("|")[1:3]) for line in lines}
+    assert pairs == {(f"pfedsam {variant}", "pfedsam lr=3+train.amp=True"),
+                     ("pfedsam lr=3+train.kd_weight=0", "pfedsam lr=3+train.amp=True")}
+    assert bench.labels_only("pfedsam", "lr=3+train.amp=True")
+    assert not bench.labels_only("pfedsam", "lr=3+train.kd_weight=0")
+
+
 def test_errors_are_listed_not_averaged():
     runs = {"pfedsam|none|seed0|lr=1": {"error": "RuntimeError: boom", "wall_s": 1.0}}
     results = _results(runs)
