@@ -42,6 +42,7 @@ each with the learning rate (of three) best on the centre's validation split.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -640,6 +641,7 @@ def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
     return where.pop() if len(where) == 1 and None not in where else None
 
 
+@functools.cache  # pairs every row with every other: read the job's YAML once per (method, tag)
 def labels_only(method: str, tag: str) -> bool:
     """True when the variant part of ``tag`` (after ``+``) sets only what the job already sets, e.g.
     ``lr=3+train.amp=True``: such a row is the method's own design, labelled by how it ran."""
