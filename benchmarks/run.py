@@ -645,7 +645,7 @@ def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
 def labels_only(method: str, tag: str) -> bool:
     """True when the variant part of ``tag`` (after ``+``) sets only what the job already sets, e.g.
     ``lr=3+train.amp=True``: such a row is the method's own design, labelled by how it ran."""
-    base, _, variant = tag.partition("+")
+    variant = tag.partition("+")[2]
     if not variant or method not in VARIANTS:
         return False
     return variant_config(method, MAIN_JOB, nested(parse_overrides(variant))) == variant_config(method, MAIN_JOB, {})
