@@ -71,6 +71,13 @@ def test_every_variant_spends_the_same_budget(variant):
          [{"global": 5}, {"global": 5}, {"global": 7}], {}),
         (["decoder_head=local", "lmoe.num_experts=0", "train.kd_weight=0"],  # FedRep: the head is personal
          [{"local": 2, "global": 3}] * 3, {"local": 2}),
+        # train.local_start_round: earlier rounds give their local steps to the global phase
+        (["train.local_start_round=2"], [{"global": 5}, {"global": 5}, {"local": 2, "global": 3}], {"local": 2}),
+        (["train.local_start_round=3"], [{"global": 5}] * 3, {"local": 2}),
+        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto", "train.local_start_round=1"],
+         [{"global": 5}, {"personal": 2, "global": 3}, {"personal": 2, "global": 3}], {"personal": 2}),
+        (["train.schedule=joint", "train.local_start_round=1"], [{"global": 5}, {"joint": 5}, {"joint": 5}],
+         {"local": 2}),
     ],
 )
 def test_plan_phases(overrides, rounds, final):
@@ -84,7 +91,8 @@ def test_plan_phases(overrides, rounds, final):
     "overrides",
     [[], ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"],
      ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg", "federation.final_finetune=true"],
-     ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], ["train.schedule=joint"]],
+     ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], ["train.schedule=joint"],
+     ["train.local_start_round=2"]],
 )
 def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
     """What run_round / run_final actually train equals the plan: the budget is not only on paper."""
@@ -103,10 +111,25 @@ def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
     ("federation.final_local_steps", "20", "'train.final_steps'"),
     ("federation.final_finetune", "true", "without a personal part"),
     ("train.final_steps", "-1", "'train.final_steps' must be >= 0"),
+    ("train.local_start_round", "99", "'train.local_start_round' (99) is beyond 'federation.rounds'"),
+    ("federation.weighting", "steps", "'federation.weighting: steps' rejects a weight that changes"),
 ])
 def test_budget_keys_are_checked(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(overrides=[f"{key}={value}"])
+        load_config(overrides=["train.local_start_round=1", f"{key}={value}"])
+
+
+def test_experts_stay_untouched_before_local_start_round(tmp_path, site):
+    """Rounds before train.local_start_round train only the global part; the L-MoE starts at that round."""
+    trainer = _trainer(tmp_path, site, "train.local_start_round=2")
+    start_local, start_global = trainer.get_local_state(), trainer.get_global_state()
+    for rnd in range(2):
+        result = run_round(trainer, rnd)
+        assert list(result.phases) == ["global"] and result.global_steps == 5
+    assert all(np.array_equal(v, start_local[k]) for k, v in trainer.get_local_state().items())
+    assert not all(np.array_equal(v, start_global[k]) for k, v in trainer.get_global_state().items())
+    assert list(run_round(trainer, 2).phases) == ["local", "global"]
+    assert not all(np.array_equal(v, start_local[k]) for k, v in trainer.get_local_state().items())
 
 
 # -- the data stream ------------------------------------------------------------------------------------

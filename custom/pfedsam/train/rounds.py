@@ -78,12 +78,13 @@ def plan_steps(cfg: PFedSAMConfig) -> StepPlan:
     t, rounds = cfg.train, cfg.federation.rounds
     per_round = t.local_steps + t.global_steps
     part = personal_phase(cfg)
-    if part == "local" and t.schedule == "joint":
-        plan = [(("joint", per_round),)] * rounds
-        final: Phases = (("local", t.final_steps),)
-    elif part is not None:
-        plan = [((part, t.local_steps), ("global", t.global_steps))] * rounds
-        final = ((part, t.final_steps),)
+    if part is not None:
+        one = (("joint", per_round),) if part == "local" and t.schedule == "joint" else (
+            (part, t.local_steps), ("global", t.global_steps))
+        plan = [one] * rounds
+        final: Phases = ((part, t.final_steps),)
+        # before train.local_start_round the whole round trains the global parameters
+        plan[:t.local_start_round] = [(("global", per_round),)] * min(t.local_start_round, rounds)
     elif cfg.federation.final_finetune:
         plan = [(("global", per_round),)] * rounds
         final = (("finetune", t.final_steps),)
