@@ -539,9 +539,10 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
     return lines
 
 
-def pooled_images(runs: list[dict], sites: list[str]) -> dict[str, list[list[float]]]:
-    """Centre -> per run (seed), the per-image test scores: what ``paired_difference`` pools over seeds."""
-    return {s: [r["per_site"][s]["images"] for r in runs] for s in sites}
+def pooled_images(runs: list[dict], sites: list[str], scores: str = "images") -> dict[str, list[list[float]]]:
+    """Centre -> per run (seed), the per-image test scores (``val_images``: validation): what
+    ``paired_difference`` pools over seeds."""
+    return {s: [r["per_site"][s][scores] for r in runs] for s in sites}
 
 
 def per_image_scores(results: dict, method: str, prompt: str = "none") -> dict[str, list[list[float]]] | None:
@@ -642,13 +643,20 @@ def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
 
 
 @functools.cache  # pairs every row with every other: read the job's YAML once per (method, tag)
+def design_changes(method: str, tag: str) -> tuple[tuple[str, str], ...]:
+    """The overrides in the variant part of ``tag`` (after ``+``) that change the job's settings of
+    ``method``, as (key, value) texts in the tag's order; ``lr=3+train.amp=True`` -> () (bf16 is the default)."""
+    variant = parse_overrides(tag.partition("+")[2]) if "+" in tag else {}
+    own = variant_config(method, MAIN_JOB, {}).to_dict() if method in VARIANTS else {}
+    # key by key against the job's value: a run's overrides may hold only with its budget (e.g. 12 rounds)
+    return tuple((k, str(v)) for k, v in variant.items()
+                 if own.get(k.partition(".")[0], {}).get(k.partition(".")[2], object()) != v)
+
+
 def labels_only(method: str, tag: str) -> bool:
-    """True when the variant part of ``tag`` (after ``+``) sets only what the job already sets, e.g.
+    """True when the variant part of ``tag`` sets only what the job already sets, e.g.
     ``lr=3+train.amp=True``: such a row is the method's own design, labelled by how it ran."""
-    variant = tag.partition("+")[2]
-    if not variant or method not in VARIANTS:
-        return False
-    return variant_config(method, MAIN_JOB, nested(parse_overrides(variant))) == variant_config(method, MAIN_JOB, {})
+    return "+" in tag and method in VARIANTS and not design_changes(method, tag)
 
 
 def same_machine_table(results: dict) -> list[str]:
@@ -678,6 +686,43 @@ def same_machine_table(results: dict) -> list[str]:
                          f"**{interval_text(overall)}** | {verdict(overall)} | " + " | ".join(cells) + " |")
     return ["| variant | minus | ran on, precision | seeds (variant / other) | **mean difference [95% CI]** | "
             "reading | " + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 6), *lines] if lines else []
+
+
+JOB_DESIGN = "the job's design"
+
+
+def one_change_table(results: dict) -> list[str]:
+    """Each pFedSAM design change alone: a design variant minus the nearest design it extends (its
+    changes less the ones named), both run on the same CPU in the same precision at the same setting,
+    seeds pooled; on validation, which decides, and on test."""
+    sites, groups = results["sites"], grouped_runs(results)
+    lines = []
+    for (m, p, tag), rows in groups.items():
+        where, mine = ran_on(rows), set(design_changes(m, tag))
+        if not m.startswith("pfedsam") or where is None or not mine:
+            continue
+        bases = {key: set(design_changes(m, key[2])) for key, rows2 in groups.items()
+                 if key[:2] == (m, p) and key[2].split("+")[0] == tag.split("+")[0] and ran_on(rows2) == where}
+        bases = {key: theirs for key, theirs in bases.items() if theirs < mine}
+        nearest = max(map(len, bases.values()), default=-1)
+        for key, theirs in bases.items():
+            if len(theirs) != nearest:
+                continue
+            runs, base_runs = [r for _, r in rows], [r for _, r in groups[key]]
+            cells = []
+            for scores in ("val_images", "images"):
+                if all(scores in r["per_site"][c] for r in (*runs, *base_runs) for c in sites):
+                    d = paired_difference(pooled_images(runs, sites, scores), pooled_images(base_runs, sites, scores))
+                    cells += [f"**{interval_text(d)}**" if scores == "val_images" else interval_text(d), verdict(d)]
+                else:
+                    cells += ["no per-image scores in a row", ""]
+            change = ",".join(f"{k}={v}" for k, v in design_changes(m, tag) if (k, v) not in theirs)
+            base = ",".join(f"{k}={v}" for k, v in design_changes(m, key[2]) if (k, v) in theirs)
+            lines.append(f"| {m} | {change} | {base or JOB_DESIGN} | {where[0]}, {where[1]} | "
+                         f"{len(runs)} / {len(base_runs)} | " + " | ".join(cells) + " |")
+    return ["| method | change | on top of | ran on, precision | seeds (with / without) | **val: with minus without "
+            "[95% CI]** | reading (decides) | test: with minus without [95% CI] | reading |",
+            "|---|---|---|---|---|---|---|---|---|", *lines] if lines else []
 
 
 def machine_text(machine: dict | None) -> str:
@@ -740,6 +785,9 @@ def markdown(results: dict) -> str:
     if alike := same_machine_table(results):
         out += ["", "## Design variants against rows run on the same CPU in the same precision (test, paired "
                 "bootstrap, seeds pooled)", "", *alike]
+    if changes := one_change_table(results):
+        out += ["", "## Each design change alone (same CPU, same precision, seeds pooled; validation decides)",
+                "", *changes]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
     out += ["", "## Every run: budget and cost", "", *budget_table(results)]

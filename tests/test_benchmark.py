@@ -281,6 +281,38 @@ def test_a_design_variant_is_paired_with_the_default_design_run_on_the_same_cpu(
     assert not bench.labels_only("pfedsam", "lr=3+train.kd_weight=0")
 
 
+def _with_val(run: dict, val: list[float]) -> dict:
+    for site in run["per_site"].values():
+        site["val_images"] = val
+    return run
+
+
+def test_each_design_change_is_set_against_the_nearest_design_it_extends():
+    """A variant pairs with the same-CPU row whose design changes are the largest strict subset of its
+    own: one change at a time, on validation (which decides) and on test; a value the job already has
+    (``lmoe.blocks=2``, ``train.amp=True``) is no change."""
+    zen3, zen4 = ({"device": "Zen 3", "precision": "float32"}, {"device": "Zen 4", "precision": "bf16"})
+    two = "lr=3+lmoe.placement=blocks,lmoe.blocks=2,train.global_from_embedding=True"
+    runs = {f"pfedsam|none|seed{s}|{two}": _with_val(_run([0.7, 0.7], [0.7, 0.7], machine=zen4), [0.6, 0.6])
+            for s in (0, 1)}
+    runs |= {f"pfedsam|none|seed0|{two},train.local_start_round=6":
+             _with_val(_run([0.8, 0.8], [0.8, 0.8], machine=zen4), [0.5, 0.5]),
+             "pfedsam|none|seed0|lr=3+train.amp=True":
+             _with_val(_run([0.6, 0.6], [0.6, 0.6], machine=zen4), [0.5, 0.5]),
+             "pfedsam|none|seed0|lr=3": _run([0.1, 0.1], [0.1, 0.1], machine=zen3),  # another CPU: never a base
+             "pfedsam|none|seed0|lr=3+train.kd_weight=0": _run([0.6, 0.6], [0.6, 0.6], machine=zen4),  # no val
+             "fedavg|none|seed0|lr=3+train.amp=True": _run([0.1, 0.1], [0.1, 0.1], machine=zen4)}  # not pFedSAM
+    lines = bench.one_change_table(_results(runs, {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}}))[2:]
+    plus, minus, none = "+0.100 [+0.100, +0.100]", "-0.100 [-0.100, -0.100]", "+0.000 [+0.000, +0.000]"
+    assert lines == [
+        f"| pfedsam | lmoe.placement=blocks,train.global_from_embedding=True | the job's design | Zen 4, bf16 | "
+        f"2 / 1 | **{plus}** | ahead | {plus} | ahead |",
+        f"| pfedsam | train.local_start_round=6 | lmoe.placement=blocks,train.global_from_embedding=True | Zen 4, bf16 "
+        f"| 1 / 2 | **{minus}** | behind | {plus} | ahead |",
+        f"| pfedsam | train.kd_weight=0 | the job's design | Zen 4, bf16 | 1 / 1 | no per-image scores in a row |  | "
+        f"{none} | no difference shown |"]
+
+
 def test_errors_are_listed_not_averaged():
     runs = {"pfedsam|none|seed0|lr=1": {"error": "RuntimeError: boom", "wall_s": 1.0}}
     results = _results(runs)
