@@ -281,6 +281,9 @@ def flat_settings(cfg: PFedSAMConfig) -> dict[str, object]:
     return {k: v for k, v in out.items() if k not in MACHINE_KEYS}
 
 
+CODE_DEFAULTS = flat_settings(PFedSAMConfig())  # what a key meant before a row's code had it
+
+
 def settings_of(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict,
                 variant: dict | None = None) -> dict[str, object]:
     """The settings row ``method`` trains with (zero-shot and centralized: FedAvg's site settings)."""
@@ -289,14 +292,94 @@ def settings_of(method: str, args: argparse.Namespace, seed: int, prompt: str, s
     return flat_settings(make_config("fedavg", args, seed, "box" if method == "zero-shot" else prompt, setting))
 
 
-def changed_settings(recorded: dict[str, object], now: dict[str, object]) -> list[str]:
-    """Keys whose value differs between a recorded row and what the job resolves to now.
+def inert_keys(settings: dict[str, object]) -> set[str]:
+    """Keys that cannot change what a row trains: where the L-MoE goes in a model without experts, and
+    whether the global passes read a second cached embedding when the cache already holds it (no
+    experts, or experts on the embedding)."""
+    if settings.get("lmoe.num_experts") == 0:
+        return {k for k in settings if k.startswith("lmoe.") and k != "lmoe.num_experts"} | {
+            "train.global_from_embedding"}
+    return {"train.global_from_embedding"} if settings.get("lmoe.placement") == "neck" else set()
 
-    Keys the row does not hold were added to the job after it was recorded; the project's rule for a
-    new key is a default that keeps the old behaviour, so they are not counted.
-    """
-    return [f"{k}: recorded {recorded[k]!r}, now {now[k]!r}" for k in sorted(recorded.keys() & now.keys())
+
+def as_recorded(recorded: dict[str, object]) -> dict[str, object]:
+    """A row's settings with each key added to the code after it was recorded at its code default: the
+    project's rule for a new key is a default that keeps the old behaviour."""
+    return {**{k: v for k, v in CODE_DEFAULTS.items() if k not in recorded}, **recorded}
+
+
+def changed_keys(recorded: dict[str, object], now: dict[str, object]) -> list[str]:
+    """Keys whose value differs between a recorded row (``as_recorded``) and what the job resolves to now;
+    ``inert_keys`` of both are not counted, nor keys the code no longer has."""
+    recorded = as_recorded(recorded)
+    skip = inert_keys(recorded) & inert_keys(now)
+    return [k for k in sorted(recorded.keys() & now.keys() - skip)
             if json.dumps(recorded[k], default=str) != json.dumps(now[k], default=str)]
+
+
+def changed_settings(recorded: dict[str, object], now: dict[str, object]) -> list[str]:
+    """``changed_keys`` with both values, for an error message."""
+    return [f"{k}: recorded {recorded[k]!r}, now {now[k]!r}" if k in recorded else
+            f"{k}: not recorded (the code default {CODE_DEFAULTS[k]!r}), now {now[k]!r}"
+            for k in changed_keys(recorded, now)]
+
+
+def setting_of_tag(tag: str) -> dict[str, float]:
+    """The setting part of a row's tag as ``tag_of`` wrote it: ``lr=3,kd_weight=0.3+...`` -> {lr: 3, kd_weight: 0.3}."""
+    part = tag.partition("+")[0]
+    return {k: float(v) for k, _, v in (x.partition("=") for x in part.split(","))} if part else {}
+
+
+def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Rename the rows of job variants after the job's defaults changed, so every key says what its
+    row trained; returns the (old, new) keys.
+
+    A row whose recorded settings differ from what its key gives with today's job gets the differing
+    keys, with their recorded values, added to its variant part (``lr=3`` recorded with the former
+    default placement -> ``lr=3+lmoe.placement=neck``). Then each row's variant part drops what only
+    restates today's job (``+lmoe.placement=blocks`` once blocks is the default), for all seeds of a
+    row together and only where the shorter key is free. The recorded settings are never touched;
+    a key that would not reproduce them, or two rows on one key, is an error and nothing is renamed.
+    """
+    runs, renamed = results["runs"], []
+    out: dict[str, dict] = {}
+
+    def now(key: str) -> dict[str, object]:
+        m, p, s, tag = key.split("|")
+        variant = parse_overrides(tag.partition("+")[2]) if "+" in tag else {}
+        return settings_of(m, args, int(s.removeprefix("seed")), p, setting_of_tag(tag), variant)
+
+    for key, r in runs.items():
+        m, p, s, tag = key.split("|")
+        if m in VARIANTS and r.get("settings") and (diff := changed_keys(r["settings"], now(key))):
+            variant = parse_overrides(tag.partition("+")[2]) if "+" in tag else {}
+            recorded = as_recorded(r["settings"])  # what differs, less what the row's own design makes inert
+            added = {k: recorded[k] for k in diff if k not in inert_keys(recorded)}
+            key = f"{m}|{p}|{s}|{row_tag(setting_of_tag(tag), {**variant, **added})}"
+        out.setdefault(key, [])
+        out[key].append(r)
+    if clash := [k for k, rows in out.items() if len(rows) > 1]:
+        raise ValueError(f"retag: more than one row would be named {clash}; nothing renamed")
+    rows = {k: v[0] for k, v in out.items()}
+    shorter: dict[str, str] = {}
+    for (m, p, tag), group in grouped_runs({"runs": rows}).items():
+        if m in VARIANTS and "+" in tag:
+            changes = dict(design_changes(m, tag))
+            variant = {k: v for k, v in parse_overrides(tag.partition("+")[2]).items() if k in changes}
+            short = row_tag(setting_of_tag(tag), variant)
+            keys = {f"{m}|{p}|seed{s}|{tag}": f"{m}|{p}|seed{s}|{short}" for s, _ in group}
+            if short != tag and not set(keys.values()) & (rows.keys() | set(shorter.values())):
+                shorter |= keys
+    rows = {shorter.get(k, k): v for k, v in rows.items()}
+    old_keys = {id(r): k for k, r in runs.items()}
+    for key, r in rows.items():
+        if old_keys[id(r)] != key:
+            if diff := changed_keys(r["settings"], now(key)):
+                raise ValueError(f"retag: {key} would not reproduce the recorded settings ({', '.join(diff)}); "
+                                 "nothing renamed")
+            renamed.append((old_keys[id(r)], key))
+    results["runs"] = rows  # a search record (``tuned``) keeps its chosen setting and the tags it tried then
+    return renamed
 
 
 def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
@@ -584,7 +667,7 @@ def search_table(results: dict) -> list[str]:
         for key, r in results["runs"].items():
             m, p, s, tag = key.split("|")
             if m == method and p == "none" and s == "seed0" and "per_site" in r and r.get("search"):
-                chosen = "yes" if tuned and tuned["tag"] == tag else ""
+                chosen = "yes" if tuned and tuned["tag"] == tag.partition("+")[0] else ""
                 lines.append(f"| {method} | {tag} | {r['val_dice']:.3f} | "
                              f"{_site_mean(r, 'dice', results['sites']):.3f} | {chosen} |")
     return lines if len(lines) > 2 else []
@@ -930,6 +1013,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="design variant: dotted key=value pairs on top of each method's chosen setting")
     parser.add_argument("--force", action="store_true", help="rerun runs already in results.json")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results.md and the plots")
+    parser.add_argument("--retag", action="store_true",
+                        help="after the job's defaults changed: rename rows so each key says what its row trained "
+                             "(recorded settings unchanged), then rewrite the report")
     parser.add_argument("--no-overlays", action="store_true", help="skip overlays.png")
     return parser.parse_args(argv)
 
@@ -1008,6 +1094,15 @@ def main() -> None:
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
         return row
 
+    if args.retag:
+        try:
+            renamed = retag(results, args)
+        except ValueError as exc:
+            sys.exit(str(exc))
+        print("\n".join(f"{old} -> {new}" for old, new in renamed) or "retag: every key already says what its row "
+              "trained", flush=True)
+        save()
+        return
     if not args.report_only:
         if args.search:
             for method in methods:

@@ -362,15 +362,18 @@ def test_results_of_another_budget_or_protocol_are_refused(tmp_path):
 
 @pytest.mark.parametrize("recorded, changed", [
     ({"lmoe.placement": "neck", "train.lr_local": 0.003}, []),  # what the job gives now
-    ({"lmoe.placement": "neck"}, []),  # a key added to the job after the row: not counted
+    # a key added to the code after the row: it ran with the key's code default
+    ({"lmoe.placement": "neck"}, ["train.lr_local: not recorded (the code default 0.001), now 0.003"]),
+    ({"lmoe.placement": "neck", "train.lr_local": 0.003, "train.kd_temperature": 2.0}, []),
     ({"lmoe.placement": "blocks", "train.lr_local": 0.003}, ["lmoe.placement: recorded 'blocks', now 'neck'"]),
     ({"train.lr_local": 0.001, "data.split_fractions": [0.7, 0.15, 0.15]},
      ["train.lr_local: recorded 0.001, now 0.003"]),
-    ({"data.split_fractions": [0.8, 0.1, 0.1]},
+    ({"data.split_fractions": [0.8, 0.1, 0.1], "train.lr_local": 0.003},
      ["data.split_fractions: recorded [0.8, 0.1, 0.1], now [0.7, 0.15, 0.15]"]),
 ])
 def test_changed_settings(recorded, changed):
-    now = {"lmoe.placement": "neck", "train.lr_local": 0.003, "data.split_fractions": [0.7, 0.15, 0.15]}
+    now = {"lmoe.placement": "neck", "train.lr_local": 0.003, "data.split_fractions": [0.7, 0.15, 0.15],
+           "train.kd_temperature": 2.0}
     assert bench.changed_settings(recorded, now) == changed
 
 
@@ -399,6 +402,47 @@ def test_a_row_recorded_with_other_settings_is_not_reused(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match=r"pfedsam\|none\|seed0\|lr=1 .* other settings .*lmoe.placement: "
                                          r"recorded 'blocks', now 'neck'.*--force"):
         bench.main()
+
+
+def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
+    """Rows recorded when the job said ``lmoe.hidden: 16`` (today 32): each key gains what differs, a
+    variant that only restates today's job becomes the bare row where that key is free, and every
+    renamed key reproduces its recorded settings (the resume check accepts it)."""
+    args = bench.parse_args(["--data-root", str(tmp_path), "--out", str(tmp_path)])
+    was = {"lmoe.hidden": 16}  # the job's former default
+
+    def row(method: str, seed: int, setting: dict, variant: dict) -> dict:
+        return {**_run([0.5], [0.5]), "settings": bench.settings_of(method, args, seed, "none", setting, variant)}
+
+    runs = {"pfedsam|none|seed0|lr=3": row("pfedsam", 0, {"lr": 3.0}, was),
+            "pfedsam|none|seed0|lr=1": row("pfedsam", 0, {"lr": 1.0}, was),
+            "pfedsam|none|seed0|lr=3+train.amp=True": row("pfedsam", 0, {"lr": 3.0}, {"train.amp": True, **was}),
+            "pfedsam|none|seed1|lr=3+lmoe.hidden=32": row("pfedsam", 1, {"lr": 3.0}, {"lmoe.hidden": 32}),
+            "pfedsam|none|seed1|lr=3+lmoe.hidden=32,train.kd_weight=0": row(
+                "pfedsam", 1, {"lr": 3.0}, {"lmoe.hidden": 32, "train.kd_weight": 0}),
+            "fedavg|none|seed0|lr=3": row("fedavg", 0, {"lr": 3.0}, was)}  # no experts: lmoe.hidden is inert
+    results = _results(runs)
+    renamed = bench.retag(results, args)
+    assert sorted(renamed) == [
+        ("pfedsam|none|seed0|lr=1", "pfedsam|none|seed0|lr=1+lmoe.hidden=16"),
+        ("pfedsam|none|seed0|lr=3", "pfedsam|none|seed0|lr=3+lmoe.hidden=16"),
+        # the shorter lr=3+lmoe.hidden=16 is taken by the row above: the label stays
+        ("pfedsam|none|seed0|lr=3+train.amp=True", "pfedsam|none|seed0|lr=3+train.amp=True,lmoe.hidden=16"),
+        ("pfedsam|none|seed1|lr=3+lmoe.hidden=32", "pfedsam|none|seed1|lr=3"),
+        ("pfedsam|none|seed1|lr=3+lmoe.hidden=32,train.kd_weight=0", "pfedsam|none|seed1|lr=3+train.kd_weight=0")]
+    for key, r in results["runs"].items():
+        m, p, s, tag = key.split("|")
+        variant = bench.parse_overrides(tag.partition("+")[2]) if "+" in tag else {}
+        now = bench.settings_of(m, args, int(s[4:]), p, bench.setting_of_tag(tag), variant)
+        assert bench.changed_settings(r["settings"], now) == [], key
+    assert bench.retag(results, args) == []  # a second pass has nothing left to say
+
+    clash = _results({"pfedsam|none|seed0|lr=3": row("pfedsam", 0, {"lr": 3.0}, was),
+                      "pfedsam|none|seed0|lr=3+lmoe.hidden=16": row("pfedsam", 0, {"lr": 3.0}, was)})
+    keys = list(clash["runs"])
+    with pytest.raises(ValueError, match="more than one row would be named"):
+        bench.retag(clash, args)
+    assert list(clash["runs"]) == keys  # nothing renamed
 
 
 @pytest.mark.parametrize(
