@@ -295,7 +295,7 @@ def test_each_design_change_is_set_against_the_nearest_design_it_extends():
     two = "lr=3+lmoe.placement=blocks,lmoe.blocks=2,train.global_from_embedding=True"
     runs = {f"pfedsam|none|seed{s}|{two}": _with_val(_run([0.7, 0.7], [0.7, 0.7], machine=zen4), [0.6, 0.6])
             for s in (0, 1)}
-    runs |= {f"pfedsam|none|seed0|{two},train.local_start_round=6":
+    runs |= {f"pfedsam|none|seed0|{two},train.local_start=0.5":
              _with_val(_run([0.8, 0.8], [0.8, 0.8], machine=zen4), [0.5, 0.5]),
              "pfedsam|none|seed0|lr=3+train.amp=True":
              _with_val(_run([0.6, 0.6], [0.6, 0.6], machine=zen4), [0.5, 0.5]),
@@ -307,7 +307,7 @@ def test_each_design_change_is_set_against_the_nearest_design_it_extends():
     assert lines == [
         f"| pfedsam | lmoe.placement=blocks,train.global_from_embedding=True | the job's design | Zen 4, bf16 | "
         f"2 / 1 | **{plus}** | ahead | {plus} | ahead |",
-        f"| pfedsam | train.local_start_round=6 | lmoe.placement=blocks,train.global_from_embedding=True | Zen 4, bf16 "
+        f"| pfedsam | train.local_start=0.5 | lmoe.placement=blocks,train.global_from_embedding=True | Zen 4, bf16 "
         f"| 1 / 2 | **{minus}** | behind | {plus} | ahead |",
         f"| pfedsam | train.kd_weight=0 | the job's design | Zen 4, bf16 | 1 / 1 | no per-image scores in a row |  | "
         f"{none} | no difference shown |"]

@@ -71,12 +71,14 @@ def test_every_variant_spends_the_same_budget(variant):
          [{"global": 5}, {"global": 5}, {"global": 7}], {}),
         (["decoder_head=local", "lmoe.num_experts=0", "train.kd_weight=0"],  # FedRep: the head is personal
          [{"local": 2, "global": 3}] * 3, {"local": 2}),
-        # train.local_start_round: earlier rounds give their local steps to the global phase
-        (["train.local_start_round=2"], [{"global": 5}, {"global": 5}, {"local": 2, "global": 3}], {"local": 2}),
-        (["train.local_start_round=3"], [{"global": 5}] * 3, {"local": 2}),
-        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto", "train.local_start_round=1"],
+        # train.local_start: the first floor(share * rounds) rounds give their local steps to the global phase
+        (["train.local_start=0.7"], [{"global": 5}, {"global": 5}, {"local": 2, "global": 3}], {"local": 2}),
+        (["train.local_start=0.5"], [{"global": 5}, {"local": 2, "global": 3}, {"local": 2, "global": 3}],
+         {"local": 2}),
+        (["train.local_start=1"], [{"global": 5}] * 3, {"local": 2}),
+        (["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto", "train.local_start=0.34"],
          [{"global": 5}, {"personal": 2, "global": 3}, {"personal": 2, "global": 3}], {"personal": 2}),
-        (["train.schedule=joint", "train.local_start_round=1"], [{"global": 5}, {"joint": 5}, {"joint": 5}],
+        (["train.schedule=joint", "train.local_start=0.34"], [{"global": 5}, {"joint": 5}, {"joint": 5}],
          {"local": 2}),
     ],
 )
@@ -92,7 +94,7 @@ def test_plan_phases(overrides, rounds, final):
     [[], ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"],
      ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg", "federation.final_finetune=true"],
      ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], ["train.schedule=joint"],
-     ["train.local_start_round=2"]],
+     ["train.local_start=0.7"]],
 )
 def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
     """What run_round / run_final actually train equals the plan: the budget is not only on paper."""
@@ -111,17 +113,17 @@ def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
     ("federation.final_local_steps", "20", "'train.final_steps'"),
     ("federation.final_finetune", "true", "without a personal part"),
     ("train.final_steps", "-1", "'train.final_steps' must be >= 0"),
-    ("train.local_start_round", "99", "'train.local_start_round' (99) is beyond 'federation.rounds'"),
+    ("train.local_start", "1.5", "'train.local_start' is a share of the rounds, in [0, 1]; got 1.5"),
     ("federation.weighting", "steps", "'federation.weighting: steps' rejects a weight that changes"),
 ])
 def test_budget_keys_are_checked(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(overrides=["train.local_start_round=1", f"{key}={value}"])
+        load_config(overrides=["train.local_start=0.5", f"{key}={value}"])
 
 
-def test_experts_stay_untouched_before_local_start_round(tmp_path, site):
-    """Rounds before train.local_start_round train only the global part; the L-MoE starts at that round."""
-    trainer = _trainer(tmp_path, site, "train.local_start_round=2")
+def test_experts_stay_untouched_before_the_local_start(tmp_path, site):
+    """Rounds before floor(train.local_start * rounds) train only the global part; the L-MoE starts after them."""
+    trainer = _trainer(tmp_path, site, "train.local_start=0.7")
     start_local, start_global = trainer.get_local_state(), trainer.get_global_state()
     for rnd in range(2):
         result = run_round(trainer, rnd)

@@ -83,10 +83,12 @@ class TrainConfig:
       kd_gate (str): ``none`` (every image distilled alike) or ``teacher_dice`` (each image's KD
         term weighted by the teacher's Dice on it: no distillation where the global model is wrong,
         e.g. a polyp predicted in an empty frame).
-      local_start_round (int): rounds before this one spend their local steps in the global
-        phase (the L-MoE, Ditto's copy or FedRep's head starts to train at this round; the
-        final personalization always runs): the early global model gets the whole round while
-        the experts, which start as the identity, lose nothing. 0 = every round has both phases.
+      local_start (float): share of the rounds that train only the global part: rounds before
+        ``floor(local_start * federation.rounds)`` spend their local steps in the global phase,
+        and the L-MoE, Ditto's copy or FedRep's head starts to train after them (the final
+        personalization always runs). The early global model gets whole rounds while the experts,
+        which start as the identity, wait for a teacher worth distilling. 0 = every round has
+        both phases; 1 = the local part trains only in the final personalization.
       kd_start_round (int): rounds before this one train the local part without KD (the early
         global model has little to teach); the final personalization always distills.
       balance_weight (float): lambda_bal of the L-MoE load-balancing loss.
@@ -140,7 +142,7 @@ class TrainConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     kd_gate: str = "none"
-    local_start_round: int = 0
+    local_start: float = 0.0
     kd_start_round: int = 0
     balance_weight: float = 0.01
     prox_mu: float = 0.0
@@ -333,7 +335,7 @@ _CHOICES = {
 }
 _NON_NEGATIVE = (
     "image_size", "lora.encoder_blocks", "lmoe.num_experts", "lmoe.blocks", "train.local_steps",
-    "train.global_steps", "train.final_steps", "train.kd_weight", "train.local_start_round", "train.kd_start_round",
+    "train.global_steps", "train.final_steps", "train.kd_weight", "train.local_start", "train.kd_start_round",
     "train.balance_weight", "train.prox_mu", "train.ditto_lambda",
     "train.weight_decay", "train.num_threads", "train.grad_clip", "train.cache_max_gb", "data.max_train",
     "data.max_eval", "federation.wait_after_min_s", "federation.task_timeout_s", "federation.start_round",
@@ -436,6 +438,11 @@ def _get(cfg: PFedSAMConfig, dotted: str) -> Any:
     return obj
 
 
+def local_start_round(cfg: PFedSAMConfig) -> int:
+    """The first round with a local phase: ``floor(train.local_start * federation.rounds)``."""
+    return int(cfg.train.local_start * cfg.federation.rounds + 1e-9)  # 0.5 * 12 is 6, not 5.999...
+
+
 def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     """Check value ranges and cross-key rules; raise ConfigError naming the key."""
     for key, choices in _CHOICES.items():
@@ -483,13 +490,12 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.start_round >= cfg.federation.rounds:
         raise ConfigError(f"{where}: 'federation.start_round' ({cfg.federation.start_round}) must be below "
                           f"'federation.rounds' ({cfg.federation.rounds}): nothing would be left to run")
-    if cfg.train.local_start_round > cfg.federation.rounds:
-        raise ConfigError(f"{where}: 'train.local_start_round' ({cfg.train.local_start_round}) is beyond "
-                          f"'federation.rounds' ({cfg.federation.rounds}); {cfg.federation.rounds} already "
-                          "leaves the local part to the final personalization alone")
-    if cfg.train.local_start_round and cfg.federation.weighting == "steps":
-        raise ConfigError(f"{where}: 'train.local_start_round' changes a site's global steps from round "
-                          f"{cfg.train.local_start_round} on, and 'federation.weighting: steps' rejects a weight that "
+    if cfg.train.local_start > 1:
+        raise ConfigError(f"{where}: 'train.local_start' is a share of the rounds, in [0, 1]; got "
+                          f"{cfg.train.local_start}")
+    if local_start_round(cfg) and cfg.federation.weighting == "steps":
+        raise ConfigError(f"{where}: 'train.local_start' changes a site's global steps from round "
+                          f"{local_start_round(cfg)} on, and 'federation.weighting: steps' rejects a weight that "
                           "changes; use 'examples' or 'uniform'")
     if cfg.train.global_from_embedding and (cfg.lora.encoder_blocks or cfg.train.cache == "none"):
         raise ConfigError(f"{where}: 'train.global_from_embedding' reads a cached image embedding on the passes "

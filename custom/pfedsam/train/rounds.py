@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import PFedSAMConfig
+from ..config import PFedSAMConfig, local_start_round
 from .site import SiteTrainer, Stream
 
 # Phases that train the global parameters that are sent (their steps are the round's "global steps").
@@ -83,8 +83,8 @@ def plan_steps(cfg: PFedSAMConfig) -> StepPlan:
             (part, t.local_steps), ("global", t.global_steps))
         plan = [one] * rounds
         final: Phases = ((part, t.final_steps),)
-        # before train.local_start_round the whole round trains the global parameters
-        plan[:t.local_start_round] = [(("global", per_round),)] * min(t.local_start_round, rounds)
+        # rounds before the local phase starts (train.local_start) train the global parameters only
+        plan[:local_start_round(cfg)] = [(("global", per_round),)] * local_start_round(cfg)
     elif cfg.federation.final_finetune:
         plan = [(("global", per_round),)] * rounds
         final = (("finetune", t.final_steps),)
