@@ -293,13 +293,16 @@ def settings_of(method: str, args: argparse.Namespace, seed: int, prompt: str, s
 
 
 def inert_keys(settings: dict[str, object]) -> set[str]:
-    """Keys that cannot change what a row trains: where the L-MoE goes in a model without experts, and
+    """Keys that cannot change what a row trains: where the L-MoE goes in a model without experts;
     whether the global passes read a second cached embedding when the cache already holds it (no
-    experts, or experts on the embedding)."""
-    if settings.get("lmoe.num_experts") == 0:
-        return {k for k in settings if k.startswith("lmoe.") and k != "lmoe.num_experts"} | {
-            "train.global_from_embedding"}
-    return {"train.global_from_embedding"} if settings.get("lmoe.placement") == "neck" else set()
+    experts, or experts on the embedding); when the local phase starts in a model with nothing
+    personal (no experts, no local head, not Ditto)."""
+    if settings.get("lmoe.num_experts") != 0:
+        return {"train.global_from_embedding"} if settings.get("lmoe.placement") == "neck" else set()
+    inert = {k for k in settings if k.startswith("lmoe.") and k != "lmoe.num_experts"} | {"train.global_from_embedding"}
+    if settings.get("decoder_head") != "local" and settings.get("federation.mode") != "ditto":
+        inert.add("train.local_start")
+    return inert
 
 
 def as_recorded(recorded: dict[str, object]) -> dict[str, object]:

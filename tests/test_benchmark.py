@@ -404,6 +404,20 @@ def test_a_row_recorded_with_other_settings_is_not_reused(tmp_path, monkeypatch)
         bench.main()
 
 
+@pytest.mark.parametrize("settings,inert", [
+    ({"lmoe.num_experts": 4, "lmoe.placement": "blocks", "lmoe.blocks": 2}, set()),
+    ({"lmoe.num_experts": 4, "lmoe.placement": "neck"}, {"train.global_from_embedding"}),
+    ({"lmoe.num_experts": 0, "lmoe.placement": "blocks", "lmoe.blocks": 2, "federation.mode": "fedavg"},
+     {"lmoe.placement", "lmoe.blocks", "train.global_from_embedding", "train.local_start"}),
+    ({"lmoe.num_experts": 0, "lmoe.hidden": 32, "federation.mode": "ditto"},  # Ditto's copy starts late too
+     {"lmoe.hidden", "train.global_from_embedding"}),
+    ({"lmoe.num_experts": 0, "decoder_head": "local", "federation.mode": "pfedsam"},  # FedRep's head
+     {"train.global_from_embedding"}),
+])
+def test_inert_keys(settings, inert):
+    assert bench.inert_keys(settings) == inert
+
+
 def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
     """Rows recorded when the job said ``lmoe.hidden: 16`` (today 32): each key gains what differs, a
     variant that only restates today's job becomes the bare row where that key is free, and every
