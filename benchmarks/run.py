@@ -381,7 +381,16 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
                 raise ValueError(f"retag: {key} would not reproduce the recorded settings ({', '.join(diff)}); "
                                  "nothing renamed")
             renamed.append((old_keys[id(r)], key))
-    results["runs"] = rows  # a search record (``tuned``) keeps its chosen setting and the tags it tried then
+    results["runs"] = rows
+    # A search record (``tuned``) keeps its chosen setting and the tags it tried then; where its chosen
+    # row was renamed, it says with which variant of today's job that search ran.
+    for method, record in results.get("tuned", {}).items():
+        for old, new in renamed:
+            m, p, s, tag = new.split("|")
+            was = old.split("|")[3].partition("+")
+            if (m, p, s) == (method, "none", "seed0") and (was[0], was[2]) == (
+                    record["tag"], record.get("searched_with", "")):
+                record["searched_with"] = tag.partition("+")[2]
     return renamed
 
 
@@ -618,7 +627,8 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
         record = tuned_record(results, method)
         pending = pending_lr(record) if record else None
         label = "-" if method == "zero-shot" else tag_of(setting) + (
-            " (untuned)" if not tuned else f" (search open: lr={pending:g} to run)" if pending else "")
+            " (untuned)" if not tuned else f" (search open: lr={pending:g} to run)" if pending else "") + (
+            f" (searched with {record['searched_with']})" if record and record.get("searched_with") else "")
         lines.append(f"| {method} | {label} | {len(runs)} | " + " | ".join(cells)
                      + f" | **{mean[0]:.3f} +- {mean[1]:.3f}** | {other[0]:.3f} | {_fmt(other[1], '.3f')} | "
                      + f"{other[2]:.1f} | {_fmt(float(np.mean(glob)) if glob else None, '.3f')} |")

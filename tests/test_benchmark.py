@@ -265,7 +265,7 @@ def test_a_design_variant_is_paired_with_the_default_design_run_on_the_same_cpu(
     """The own design counts when it ran at the chosen setting, bare or labelled by a variant that
     changes nothing (``train.amp=True`` is the job's default); another design change does not."""
     zen4 = {"device": "Zen 4", "precision": "bf16"}
-    variant = "lr=3+lmoe.placement=blocks,lmoe.blocks=2"
+    variant = f"lr=3+lmoe.hidden={2 * bench.BASE.lmoe.hidden}"  # a design change whatever the job's default
     runs = {f"pfedsam|none|seed0|{variant}": _run([0.8, 0.8], [0.8, 0.8], machine=zen4),
             "pfedsam|none|seed0|lr=3+train.amp=True": _run([0.6, 0.6], [0.6, 0.6], machine=zen4),
             "pfedsam|none|seed0|lr=3+train.kd_weight=0": _run([0.1, 0.1], [0.1, 0.1], machine=zen4)}
@@ -290,12 +290,14 @@ def _with_val(run: dict, val: list[float]) -> dict:
 def test_each_design_change_is_set_against_the_nearest_design_it_extends():
     """A variant pairs with the same-CPU row whose design changes are the largest strict subset of its
     own: one change at a time, on validation (which decides) and on test; a value the job already has
-    (``lmoe.blocks=2``, ``train.amp=True``) is no change."""
+    (``lmoe.top_k`` at the job's value, ``train.amp=True``) is no change."""
     zen3, zen4 = ({"device": "Zen 3", "precision": "float32"}, {"device": "Zen 4", "precision": "bf16"})
-    two = "lr=3+lmoe.placement=blocks,lmoe.blocks=2,train.global_from_embedding=True"
+    wide = f"lmoe.hidden={2 * bench.BASE.lmoe.hidden}"
+    hot = f"train.kd_temperature={2 * bench.BASE.train.kd_temperature:g}"
+    two = f"lr=3+{wide},lmoe.top_k={bench.BASE.lmoe.top_k},{hot}"
     runs = {f"pfedsam|none|seed{s}|{two}": _with_val(_run([0.7, 0.7], [0.7, 0.7], machine=zen4), [0.6, 0.6])
             for s in (0, 1)}
-    runs |= {f"pfedsam|none|seed0|{two},train.local_start=0.5":
+    runs |= {f"pfedsam|none|seed0|{two},train.balance_weight=0.5":
              _with_val(_run([0.8, 0.8], [0.8, 0.8], machine=zen4), [0.5, 0.5]),
              "pfedsam|none|seed0|lr=3+train.amp=True":
              _with_val(_run([0.6, 0.6], [0.6, 0.6], machine=zen4), [0.5, 0.5]),
@@ -305,10 +307,9 @@ def test_each_design_change_is_set_against_the_nearest_design_it_extends():
     lines = bench.one_change_table(_results(runs, {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}}))[2:]
     plus, minus, none = "+0.100 [+0.100, +0.100]", "-0.100 [-0.100, -0.100]", "+0.000 [+0.000, +0.000]"
     assert lines == [
-        f"| pfedsam | lmoe.placement=blocks,train.global_from_embedding=True | the job's design | Zen 4, bf16 | "
-        f"2 / 1 | **{plus}** | ahead | {plus} | ahead |",
-        f"| pfedsam | train.local_start=0.5 | lmoe.placement=blocks,train.global_from_embedding=True | Zen 4, bf16 "
-        f"| 1 / 2 | **{minus}** | behind | {plus} | ahead |",
+        f"| pfedsam | {wide},{hot} | the job's design | Zen 4, bf16 | 2 / 1 | **{plus}** | ahead | {plus} | ahead |",
+        f"| pfedsam | train.balance_weight=0.5 | {wide},{hot} | Zen 4, bf16 | 1 / 2 | **{minus}** | behind | {plus} "
+        "| ahead |",
         f"| pfedsam | train.kd_weight=0 | the job's design | Zen 4, bf16 | 1 / 1 | no per-image scores in a row |  | "
         f"{none} | no difference shown |"]
 
@@ -397,10 +398,12 @@ def test_a_row_recorded_with_other_settings_is_not_reused(tmp_path, monkeypatch)
         monkeypatch.setattr(bench, "markdown", lambda results: sys.exit("report"))
         bench.main()
     assert str(no_run.value) == "report"
-    stored["runs"]["pfedsam|none|seed0|lr=1"]["settings"]["lmoe.placement"] = "blocks"
+    now = settings["lmoe.placement"]
+    other = "neck" if now == "blocks" else "blocks"
+    stored["runs"]["pfedsam|none|seed0|lr=1"]["settings"]["lmoe.placement"] = other
     (out / "results.json").write_text(json.dumps(stored))
     with pytest.raises(SystemExit, match=r"pfedsam\|none\|seed0\|lr=1 .* other settings .*lmoe.placement: "
-                                         r"recorded 'blocks', now 'neck'.*--force"):
+                                         rf"recorded '{other}', now '{now}'.*--force"):
         bench.main()
 
 
@@ -435,7 +438,7 @@ def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
             "pfedsam|none|seed1|lr=3+lmoe.hidden=32,train.kd_weight=0": row(
                 "pfedsam", 1, {"lr": 3.0}, {"lmoe.hidden": 32, "train.kd_weight": 0}),
             "fedavg|none|seed0|lr=3": row("fedavg", 0, {"lr": 3.0}, was)}  # no experts: lmoe.hidden is inert
-    results = _results(runs)
+    results = _results(runs, {m: {"tag": "lr=3", "setting": {"lr": 3.0}} for m in ("pfedsam", "fedavg")})
     renamed = bench.retag(results, args)
     assert sorted(renamed) == [
         ("pfedsam|none|seed0|lr=1", "pfedsam|none|seed0|lr=1+lmoe.hidden=16"),
@@ -450,6 +453,9 @@ def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
         now = bench.settings_of(m, args, int(s[4:]), p, bench.setting_of_tag(tag), variant)
         assert bench.changed_settings(r["settings"], now) == [], key
     assert bench.retag(results, args) == []  # a second pass has nothing left to say
+    # pFedSAM's search ran on the former design; the main table, whose row is today's, says so
+    assert [results["tuned"][m].get("searched_with") for m in ("pfedsam", "fedavg")] == ["lmoe.hidden=16", None]
+    assert bench.main_table(results)[3].startswith("| pfedsam | lr=3 (searched with lmoe.hidden=16) | 1 |")
 
     clash = _results({"pfedsam|none|seed0|lr=3": row("pfedsam", 0, {"lr": 3.0}, was),
                       "pfedsam|none|seed0|lr=3+lmoe.hidden=16": row("pfedsam", 0, {"lr": 3.0}, was)})

@@ -59,6 +59,25 @@ def test_fast_decoder_gives_the_same_logits_and_gradients(backbone, prompt, expe
     assert upscaling and all(g_fast[n].abs().sum() > 0 for n in upscaling)
 
 
+def test_fast_decoder_activations_follow_bf16_autocast():
+    """Under bf16 autocast the activation after the upscaling LayerNorm (float32 by autocast's rules)
+    runs in bf16, as the rest of the upscaling does; the logits stay within bf16 rounding of the
+    convolution path's."""
+    model = build_pfedsam(load_config(overrides=["backbone=litemedsam", "prompt=none"]))
+    seen: list[torch.dtype] = []
+    model.mask_decoder.output_upscaling[2].register_forward_hook(lambda m, inp, out: seen.append(inp[0].dtype))
+    torch.manual_seed(0)
+    feats = torch.randn(2, model.mask_decoder.transformer_dim, *model.prompt_encoder.image_embedding_size)
+    logits = {}
+    for fast in (False, True):
+        model.fast_upscale = fast
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[fast] = model.forward_from_prefix(feats, None, use_experts=False).float()
+    assert seen == [torch.float32, torch.bfloat16]  # the convolution path keeps segment_anything's float32 GELU
+    scale = logits[False].abs().max().item()
+    assert (logits[True] - logits[False]).abs().max().item() < 2e-2 * scale
+
+
 @pytest.mark.parametrize("dtype,stored,tol", [("float32", torch.float32, 0.0), ("float16", torch.float16, 1e-3)])
 def test_cache_dtype_is_stored_and_read_back(tmp_path, dtype, stored, tol):
     cache = FeatureCache("disk", "fp", tmp_path, dtype=dtype)

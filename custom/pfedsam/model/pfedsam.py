@@ -90,7 +90,10 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     # over the largest tensors of the step, and on a CPU those passes cost as much as the matmuls.
     w1 = ct1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (ky, kx, out) x in
     x = F.linear(tokens, w1, ct1.bias.repeat(4)).view(b, n, 4, c1)
-    x = act1(layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps))
+    x = layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps)
+    if torch.is_autocast_enabled(x.device.type):  # LayerNorm autocasts to float32; the activation need not
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    x = act1(x)
     w2 = ct2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
     x = act2(F.linear(x, w2, ct2.bias.repeat(4)).view(b, n, 4, 4, c2))
     logits = (x @ hyper.view(b, 1, 1, c2, 1)).view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
