@@ -680,7 +680,8 @@ def search_table(results: dict) -> list[str]:
         for key, r in results["runs"].items():
             m, p, s, tag = key.split("|")
             if m == method and p == "none" and s == "seed0" and "per_site" in r and r.get("search"):
-                chosen = "yes" if tuned and tuned["tag"] == tag.partition("+")[0] else ""
+                chosen = "yes" if tuned and (tuned["tag"], tuned.get("searched_with", "")) == (
+                    tag.partition("+")[0], tag.partition("+")[2]) else ""
                 lines.append(f"| {method} | {tag} | {r['val_dice']:.3f} | "
                              f"{_site_mean(r, 'dice', results['sites']):.3f} | {chosen} |")
     return lines if len(lines) > 2 else []
@@ -756,9 +757,10 @@ def labels_only(method: str, tag: str) -> bool:
 
 
 def same_machine_table(results: dict) -> list[str]:
-    """pFedSAM's design variants (seeds pooled) minus every other method's row recorded on the same CPU
-    in the same precision (its chosen setting, or a variant of it), and minus pFedSAM's own design
-    (chosen setting, variant that only labels it) run there; paired over test images.
+    """pFedSAM's rows (its design at the chosen setting, and its design variants; seeds pooled) minus
+    every other method's row recorded on the same CPU in the same precision (its chosen setting, or a
+    variant of it), and each variant minus pFedSAM's own design (chosen setting, variant that only
+    labels it) run there; paired over test images.
 
     The main and variant tables pair rows whatever they ran on; this one pairs like with like only.
     """
@@ -766,10 +768,11 @@ def same_machine_table(results: dict) -> list[str]:
     lines = []
     for (m, p, tag), rows in groups.items():
         where = ran_on(rows)
-        if not m.startswith("pfedsam") or "+" not in tag or where is None:
+        if not m.startswith("pfedsam") or where is None or (
+                "+" not in tag and tag != tag_of(chosen_setting(results, m)[0])):
             continue
         ref = pooled_images([r for _, r in rows], sites)
-        changes_design = not labels_only(m, tag)
+        changes_design = "+" in tag and not labels_only(m, tag)
         for (m2, p2, tag2), rows2 in groups.items():
             own_design = m2 == m and changes_design and ("+" not in tag2 or labels_only(m2, tag2))
             if (m2.startswith("pfedsam") and not own_design) or p2 != p or ran_on(rows2) != where \

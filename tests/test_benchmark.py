@@ -281,6 +281,21 @@ def test_a_design_variant_is_paired_with_the_default_design_run_on_the_same_cpu(
     assert not bench.labels_only("pfedsam", "lr=3+train.kd_weight=0")
 
 
+def test_the_job_design_is_paired_with_baselines_run_on_the_same_cpu():
+    """pFedSAM's own rows (the chosen setting, no variant) count too: against FedAvg run on the same
+    CPU in the same precision, not against a row from another CPU or another setting."""
+    zen3, zen4 = ({"device": "Zen 3", "precision": "float32"}, {"device": "Zen 4", "precision": "bf16"})
+    runs = {"pfedsam|none|seed0|lr=3": _run([0.8, 0.8], [0.8, 0.8], machine=zen4),
+            "pfedsam|none|seed0|lr=1": _run([0.9, 0.9], [0.9, 0.9], machine=zen4),  # not the chosen setting
+            "fedavg|none|seed0|lr=3+train.amp=True": _run([0.7, 0.7], [0.7, 0.7], machine=zen4),
+            "fedavg|none|seed0|lr=3": _run([0.1, 0.1], [0.1, 0.1], machine=zen3)}
+    tuned = {m: {"tag": "lr=3", "setting": {"lr": 3.0}} for m in ("pfedsam", "fedavg")}
+    lines = bench.same_machine_table(_results(runs, tuned))[2:]
+    shift = "+0.100 [+0.100, +0.100]"
+    assert lines == [f"| pfedsam lr=3 | fedavg lr=3+train.amp=True | Zen 4, bf16 | 1 / 1 | **{shift}** | ahead | "
+                     f"{shift} | {shift} |"]
+
+
 def _with_val(run: dict, val: list[float]) -> dict:
     for site in run["per_site"].values():
         site["val_images"] = val
@@ -438,6 +453,8 @@ def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
             "pfedsam|none|seed1|lr=3+lmoe.hidden=32,train.kd_weight=0": row(
                 "pfedsam", 1, {"lr": 3.0}, {"lmoe.hidden": 32, "train.kd_weight": 0}),
             "fedavg|none|seed0|lr=3": row("fedavg", 0, {"lr": 3.0}, was)}  # no experts: lmoe.hidden is inert
+    for key in ("pfedsam|none|seed0|lr=3", "pfedsam|none|seed0|lr=1"):
+        runs[key]["search"] = True
     results = _results(runs, {m: {"tag": "lr=3", "setting": {"lr": 3.0}} for m in ("pfedsam", "fedavg")})
     renamed = bench.retag(results, args)
     assert sorted(renamed) == [
@@ -456,6 +473,8 @@ def test_retag_names_what_each_row_trained_after_the_job_changed(tmp_path):
     # pFedSAM's search ran on the former design; the main table, whose row is today's, says so
     assert [results["tuned"][m].get("searched_with") for m in ("pfedsam", "fedavg")] == ["lmoe.hidden=16", None]
     assert bench.main_table(results)[3].startswith("| pfedsam | lr=3 (searched with lmoe.hidden=16) | 1 |")
+    chosen = {line.split("|")[2].strip(): line.split("|")[5].strip() for line in bench.search_table(results)[2:]}
+    assert chosen == {"lr=3+lmoe.hidden=16": "yes", "lr=1+lmoe.hidden=16": ""}  # the row the search chose then
 
     clash = _results({"pfedsam|none|seed0|lr=3": row("pfedsam", 0, {"lr": 3.0}, was),
                       "pfedsam|none|seed0|lr=3+lmoe.hidden=16": row("pfedsam", 0, {"lr": 3.0}, was)})
