@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -511,3 +512,43 @@ def test_numerics_summary_pairs_by_seed(plain, fast, diff_mean, diff_abs_max, sp
         assert summary["diff_mean"] == pytest.approx(diff_mean, abs=1e-12)
         assert summary["diff_abs_max"] == pytest.approx(diff_abs_max)
         assert summary["seed_spread_plain"] == pytest.approx(spread)
+
+
+def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_fine_tuned(tmp_path, monkeypatch):
+    """Leave-one-centre-out on tiny synthetic sites: both federations train without the centre, and
+    at the centre pFedSAM's adaptation trains only a fresh L-MoE (its global part stays G) while
+    FedAvg's fine-tunes the global part; both with the same steps, the lr chosen on validation."""
+    from pfedsam.data.synth import write_synthetic_sites
+
+    write_synthetic_sites(tmp_path / "data", sites=3, per_site=10, image_size=64, seed=0)
+    args = bench.parse_args(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--backbone",
+                             "tiny", "--rounds", "1", "--local-steps", "1", "--global-steps", "1", "--final-steps",
+                             "1", "--max-train", "4", "--batch-size", "2"])
+    monkeypatch.setattr(bench, "LR_SCALES", (1.0, 3.0))
+    adapted: dict[str, tuple[dict, dict, dict]] = {}
+    run_final = bench.run_final
+
+    def recording_final(trainer, *a, **k):
+        before = trainer.get_global_state()
+        local = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lmoe" in n}
+        result = run_final(trainer, *a, **k)
+        moved = {n: not np.array_equal(before[n], v) for n, v in trainer.get_global_state().items()}
+        experts = {n: not torch.equal(local[n], p) for n, p in trainer.model.named_parameters() if "lmoe" in n}
+        adapted[f"{trainer.cfg.federation.mode}-{trainer.cfg.train.lr_local:g}"] = (moved, experts, before)
+        return result
+
+    monkeypatch.setattr(bench, "run_final", recording_final)
+    out = bench.run_unseen("site-3", args, ["site-1", "site-2", "site-3"], 0, "none", _results({}))
+    assert out["train_sites"] == ["site-1", "site-2"] and out["adapt_steps"] == 1 * 1 + 1
+    assert set(out["pfedsam_fresh_lmoe"]["val_dice_by_lr_scale"]) == {"1", "3"}
+    assert out["pfedsam_fresh_lmoe"]["lr_local"] in {s * bench.BASE.train.lr_local for s in (1.0, 3.0)}
+    assert out["fedavg_finetuned"]["lr_global"] in {s * bench.BASE.train.lr_global for s in (1.0, 3.0)}
+    for key in ("pfedsam_global", "fedavg_global", "pfedsam_fresh_lmoe", "fedavg_finetuned"):
+        assert 0.0 <= out[key]["dice"] <= 1.0 and out[key]["n"] > 0
+    pfedsam = [v for k, v in adapted.items() if k.startswith("pfedsam")]
+    assert len(pfedsam) == 2
+    for moved, experts, _ in pfedsam:
+        assert not any(moved.values())  # G untouched: only the fresh experts adapt
+        assert any(experts.values())
+    fine_tuned = [v for k, v in adapted.items() if not k.startswith("pfedsam")]
+    assert len(fine_tuned) == 2 and all(any(moved.values()) for moved, _, _ in fine_tuned)
