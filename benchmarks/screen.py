@@ -16,6 +16,9 @@ chosen setting on test with seeds and intervals.
 Each variant is ``key=value`` pairs (dotted keys of the job's settings, comma-separated) or
 ``default``. A variant that changes what the global phase trains (``lora.*``, ``decoder``,
 ``train.lr_global``, the budget) is refused: it needs a trajectory of its own, i.e. a full run.
+A screen has a local phase in every round (``train.local_start: 0``, whatever the job sets):
+with a later start the early rounds' local steps would train the global model, so the
+trajectory would depend on the schedule; ``train.local_start`` itself is screened by full runs.
 Results go to ``OUT/screen.json`` and ``OUT/screen.md`` (paired bootstrap intervals over
 validation images against ``default``); the trajectory is kept under ``OUT/work/screen/``.
 Budget options (``--rounds``, ``--max-train`` ...) are ``run.py``'s, with the same defaults.
@@ -44,7 +47,10 @@ from pfedsam.train import SiteTrainer, run_final, run_round  # noqa: E402
 # Settings that change the global phase or the data it sees: a variant may not touch them.
 GLOBAL_KEYS = ("lora.", "decoder", "backbone", "checkpoint", "image_size", "prompt", "data.", "federation.",
                "train.lr_global", "train.global_steps", "train.local_steps", "train.final_steps", "train.batch_size",
-               "train.seed", "train.prox_mu", "train.schedule", "train.grad_clip", "train.weight_decay")
+               "train.seed", "train.prox_mu", "train.schedule", "train.grad_clip", "train.weight_decay",
+               "train.local_start")
+# A screen's schedule: a local phase in every round (see the module's docstring).
+SCREEN_TRAIN = {"local_start": 0.0}
 
 
 def parse_variant(text: str) -> dict[str, object]:
@@ -61,7 +67,8 @@ def trajectory(args: argparse.Namespace, sites: list[str], seed: int, lr: float)
     path = args.out / "work" / "screen" / f"trajectory-seed{seed}-lr{lr:g}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
-    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, train={"local_steps": 0, "final_steps": 0})
+    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, train={"local_steps": 0, "final_steps": 0,
+                                                                              **SCREEN_TRAIN})
     work = args.out / "work" / "screen" / f"trajectory-s{seed}"
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    evaluate=False, keep_globals=True, log=lambda m: print(f"  [trajectory s{seed}] {m}", flush=True))
@@ -78,7 +85,8 @@ def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, var
     ``trainers``, when given, receives each site's trainer afterwards (its model: G(T) + the L-MoE).
     """
     overrides = bench.nested(variant)
-    overrides["train"] = {"global_steps": 0, **overrides.get("train", {})}  # local phases only: G comes from globs
+    # local phases only: G comes from globs
+    overrides["train"] = {"global_steps": 0, **SCREEN_TRAIN, **overrides.get("train", {})}
     cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, **overrides)
     rounds = cfg.federation.rounds
     if len(globs) != rounds + 1:

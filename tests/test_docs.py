@@ -43,7 +43,7 @@ def test_readme_expected_dice_is_the_recorded_run():
     settings = {"mode": cfg.federation.mode, "backbone": cfg.backbone, "rounds": cfg.federation.rounds,
                 "local_steps": cfg.train.local_steps, "global_steps": cfg.train.global_steps,
                 "schedule": cfg.train.schedule, "kd_weight": cfg.train.kd_weight, "num_experts": cfg.lmoe.num_experts,
-                "placement": cfg.lmoe.placement, "lmoe_blocks": cfg.lmoe.blocks,
+                "placement": cfg.lmoe.placement, "expert_blocks": cfg.lmoe.blocks,
                 "global_from_embedding": cfg.train.global_from_embedding,
                 "prompt": cfg.prompt, "compression": cfg.federation.compression, **budget_facts(cfg)}
     recorded = {k: report["job"].get(k) for k in settings}

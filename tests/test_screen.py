@@ -32,9 +32,10 @@ def tiny(tmp_path_factory):
 
 
 def test_replay_reaches_the_models_of_a_full_run(tiny):
-    """Same G(T), same L-MoE weights and same validation scores as the full federation."""
+    """Same G(T), same L-MoE weights and same validation scores as the full federation with a local
+    phase in every round (the screen's schedule)."""
     args, sites = tiny
-    cfg = screen.bench.make_config("pfedsam", args, 0, "none", {"lr": 1.0})
+    cfg = screen.bench.make_config("pfedsam", args, 0, "none", {"lr": 1.0}, train=screen.SCREEN_TRAIN)
     fed = screen.federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=args.out / "full" / s),
                           sites, final_split="val", log=lambda m: None)
     globs = screen.trajectory(args, sites, 0, 1.0)

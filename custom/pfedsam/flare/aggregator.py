@@ -53,7 +53,8 @@ class ReportWriter(FLComponent):
                 "rounds": cfg.federation.rounds, "local_steps": cfg.train.local_steps,
                 "global_steps": cfg.train.global_steps, "schedule": cfg.train.schedule,
                 "kd_weight": cfg.train.kd_weight, "num_experts": cfg.lmoe.num_experts,
-                "placement": cfg.lmoe.placement, "lmoe_blocks": cfg.lmoe.blocks,
+                # 'expert_blocks', not 'lmoe_blocks': no local parameter's prefix in what the server writes
+                "placement": cfg.lmoe.placement, "expert_blocks": cfg.lmoe.blocks,
                 "global_from_embedding": cfg.train.global_from_embedding, "prompt": cfg.prompt,
                 "compression": cfg.federation.compression, "global_params": len(facts.global_names),
                 "global_bytes_fp32": int(sum(v.nbytes for v in facts.initial_global.values())),
