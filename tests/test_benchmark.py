@@ -519,22 +519,26 @@ def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_
     at the centre pFedSAM's adaptation trains only a fresh L-MoE (its global part stays G) while
     FedAvg's fine-tunes the global part; both with the same steps, the lr chosen on validation."""
     from pfedsam.data.synth import write_synthetic_sites
+    from pfedsam.model import ParamKind
 
     write_synthetic_sites(tmp_path / "data", sites=3, per_site=10, image_size=64, seed=0)
     args = bench.parse_args(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--backbone",
                              "tiny", "--rounds", "1", "--local-steps", "1", "--global-steps", "1", "--final-steps",
                              "1", "--max-train", "4", "--batch-size", "2"])
     monkeypatch.setattr(bench, "LR_SCALES", (1.0, 3.0))
-    adapted: dict[str, tuple[dict, dict, dict]] = {}
+    adapted: dict[str, tuple[dict, dict]] = {}
     run_final = bench.run_final
 
     def recording_final(trainer, *a, **k):
-        before = trainer.get_global_state()
-        local = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lmoe" in n}
+        def local_state() -> dict[str, torch.Tensor]:  # the registry decides what is local
+            return {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                    if trainer.model.registry.kind(n) is ParamKind.LOCAL}
+
+        before, local = trainer.get_global_state(), local_state()
         result = run_final(trainer, *a, **k)
         moved = {n: not np.array_equal(before[n], v) for n, v in trainer.get_global_state().items()}
-        experts = {n: not torch.equal(local[n], p) for n, p in trainer.model.named_parameters() if "lmoe" in n}
-        adapted[f"{trainer.cfg.federation.mode}-{trainer.cfg.train.lr_local:g}"] = (moved, experts, before)
+        experts = {n: not torch.equal(local[n], p) for n, p in local_state().items()}
+        adapted[f"{trainer.cfg.federation.mode}-{trainer.cfg.train.lr_local:g}"] = (moved, experts)
         return result
 
     monkeypatch.setattr(bench, "run_final", recording_final)
@@ -547,8 +551,8 @@ def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_
         assert 0.0 <= out[key]["dice"] <= 1.0 and out[key]["n"] > 0
     pfedsam = [v for k, v in adapted.items() if k.startswith("pfedsam")]
     assert len(pfedsam) == 2
-    for moved, experts, _ in pfedsam:
+    for moved, experts in pfedsam:
         assert not any(moved.values())  # G untouched: only the fresh experts adapt
         assert any(experts.values())
     fine_tuned = [v for k, v in adapted.items() if not k.startswith("pfedsam")]
-    assert len(fine_tuned) == 2 and all(any(moved.values()) for moved, _, _ in fine_tuned)
+    assert len(fine_tuned) == 2 and all(any(moved.values()) for moved, _ in fine_tuned)

@@ -152,16 +152,20 @@ def test_onnxruntime_cache_fill_matches_torch_and_exports_once(tmp_path, site, m
     assert exported[0].stat().st_mtime_ns == stamp
 
 
-def test_feature_cache_is_per_user_reused_across_workspaces_with_progress(tmp_path, site, monkeypatch, caplog):
+@pytest.mark.parametrize("design", [[], ["lmoe.placement=blocks", "lmoe.blocks=1", "train.global_from_embedding=true"]])
+def test_feature_cache_is_per_user_reused_across_workspaces_with_progress(tmp_path, site, monkeypatch, caplog,
+                                                                          design):
+    """Both caches of the job's design (tokens before the expert blocks and the embedding) too."""
     monkeypatch.setenv("PFEDSAM_CACHE_DIR", str(tmp_path / "user-cache"))
-    cfg = load_config(overrides=["backbone=tiny", "train.device=cpu"])
+    cfg = load_config(overrides=["backbone=tiny", "train.device=cpu", *design])
     assert cfg.train.cache == "disk" and cfg.train.cache_dir is None
     assert default_cache_dir() == tmp_path / "user-cache"
     with caplog.at_level(logging.INFO, logger="pfedsam"):
         first = SiteTrainer(cfg, "site-1", site_dir=site, workdir=tmp_path / "workspace-1").warm_cache(every_s=0)
     text = caplog.text
     assert str(tmp_path / "user-cache") in text and "images/s" in text and "s left" in text
-    assert first["computed"] == first["images"] > 0
+    caches = 2 if "train.global_from_embedding=true" in design else 1  # computed counts each cache's entries
+    assert first["computed"] == caches * first["images"] > 0
     second = SiteTrainer(cfg, "site-1", site_dir=site, workdir=tmp_path / "workspace-2")
     again = second.warm_cache()
     assert again["computed"] == 0 and again["images"] == first["images"]
