@@ -61,11 +61,15 @@ def test_fast_decoder_gives_the_same_logits_and_gradients(backbone, prompt, expe
 
 def test_fast_decoder_activations_follow_bf16_autocast():
     """Under bf16 autocast the activation after the upscaling LayerNorm (float32 by autocast's rules)
-    runs in bf16, as the rest of the upscaling does; the logits stay within bf16 rounding of the
+    runs in bf16, as the rest of the upscaling does, and the transformer's image tokens are held in
+    bf16 between its LayerNorms; the logits stay within bf16 rounding of the
     convolution path's."""
     model = build_pfedsam(load_config(overrides=["backbone=litemedsam", "prompt=none"]))
     seen: list[torch.dtype] = []
     model.mask_decoder.output_upscaling[2].register_forward_hook(lambda m, inp, out: seen.append(inp[0].dtype))
+    keys: list[torch.dtype] = []  # the image tokens as the second block's key projection reads them
+    model.mask_decoder.transformer.layers[1].cross_attn_token_to_image.k_proj.register_forward_hook(
+        lambda m, inp, out: keys.append(inp[0].dtype))
     torch.manual_seed(0)
     feats = torch.randn(2, model.mask_decoder.transformer_dim, *model.prompt_encoder.image_embedding_size)
     logits = {}
@@ -74,6 +78,7 @@ def test_fast_decoder_activations_follow_bf16_autocast():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             logits[fast] = model.forward_from_prefix(feats, None, use_experts=False).float()
     assert seen == [torch.float32, torch.bfloat16]  # the convolution path keeps segment_anything's float32 GELU
+    assert keys == [torch.float32, torch.bfloat16]  # held in bf16: no cast per projection
     scale = logits[False].abs().max().item()
     assert (logits[True] - logits[False]).abs().max().item() < 2e-2 * scale
 
@@ -134,6 +139,31 @@ def test_bf16_autocast_follows_the_cpu_and_can_be_off():
     assert (why == "") == native and (native or "float32" in why)
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_one_encoder_pass_gives_both_caches_the_bits_of_separate_passes(tmp_path, site, monkeypatch, runtime):
+    """The job's two caches (tokens before the expert blocks, the embedding) are filled by one pass;
+    its outputs must equal what the single-cut runs give, because the embedding entries are shared
+    with runs of the embedding placement."""
+    monkeypatch.setenv("PFEDSAM_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(overrides=["backbone=tiny", "train.device=cpu", f"train.encoder_runtime={runtime}",
+                                 "lmoe.placement=blocks", "lmoe.blocks=1", "train.global_from_embedding=true"])
+    trainer = SiteTrainer(cfg, "site-1", site_dir=site, workdir=tmp_path / "w")
+    model = trainer.model
+    cuts = (model.prefix_units, model.embedding_units)
+    assert cuts[0] < cuts[1]
+    images = torch.stack([trainer.datasets["train"].plain_sample(i)["image"] for i in range(3)])
+    tokens, embedding = trainer.encode_cuts(images, cuts)
+    assert torch.equal(tokens, trainer.encode_images(images, cuts[0]))
+    assert torch.equal(embedding, trainer.encode_images(images, cuts[1]))
+    assert embedding.shape[1:] == (model.mask_decoder.transformer_dim, *model.prompt_encoder.image_embedding_size)
+    calls = []
+    encode = trainer.encode_cuts
+    monkeypatch.setattr(trainer, "encode_cuts", lambda x, c: calls.append((len(x), c)) or encode(x, c))
+    fill = trainer.warm_cache()
+    assert fill["encoded"] == fill["images"] and fill["computed"] == 2 * fill["images"]
+    assert sum(n for n, _ in calls) == fill["images"] and {c for _, c in calls} == {cuts}
+
+
 def test_onnxruntime_cache_fill_matches_torch_and_exports_once(tmp_path, site, monkeypatch):
     monkeypatch.setenv("PFEDSAM_CACHE_DIR", str(tmp_path / "cache"))
     ort = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu", "train.encoder_runtime=onnxruntime"]),
@@ -166,6 +196,7 @@ def test_feature_cache_is_per_user_reused_across_workspaces_with_progress(tmp_pa
     assert str(tmp_path / "user-cache") in text and "images/s" in text and "s left" in text
     caches = 2 if "train.global_from_embedding=true" in design else 1  # computed counts each cache's entries
     assert first["computed"] == caches * first["images"] > 0
+    assert first["encoded"] == first["images"]  # one encoder pass per image fills both
     second = SiteTrainer(cfg, "site-1", site_dir=site, workdir=tmp_path / "workspace-2")
     again = second.warm_cache()
     assert again["computed"] == 0 and again["images"] == first["images"]

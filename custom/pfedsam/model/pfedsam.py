@@ -96,9 +96,47 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     x = act1(x)
     w2 = ct2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
     x = act2(F.linear(x, w2, ct2.bias.repeat(4)).view(b, n, 4, 4, c2))
-    logits = (x @ hyper.view(b, 1, 1, c2, 1)).view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
+    # One matrix-vector product per image: a batch of 4 x 32 by 32 x 1 products per sub-pixel
+    # group cost more than the linear layers around it.
+    logits = torch.bmm(x.reshape(b, n * 16, c2), hyper.view(b, c2, 1))
+    logits = logits.view(b, h, w, 2, 2, 2, 2)  # (y, x, ky1, kx1, ky2, kx2)
     # output row 4y + 2 ky1 + ky2, column 4x + 2 kx1 + kx2
     return logits.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 1, 4 * h, 4 * w)
+
+
+def _two_way_tokens_last(
+    transformer: nn.Module, image: torch.Tensor, image_pe: torch.Tensor, points: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment_anything's ``TwoWayTransformer.forward`` with the image tokens stored ``(B, HW, C)``.
+
+    The original views the ``(B, C, H, W)`` embedding and positional encoding as ``(B, HW, C)``
+    by a permute, so every ``keys + key_pe`` and every cast of the keys walks memory with a
+    stride of ``HW``: on a CPU those passes over the step's largest tensors took longer than the
+    decoder's matmuls. Here both are laid out once, contiguously, and the encoding (the same for
+    every image) is broadcast from one copy. Same modules, same arithmetic.
+
+    Arguments:
+      transformer: ``mask_decoder.transformer``.
+      image: image embedding plus dense prompt, ``(B, C, H, W)``.
+      image_pe: the dense positional encoding, ``(1, C, H, W)``.
+      points: the output and sparse prompt tokens, ``(B, N, C)``.
+    """
+    # Under autocast the keys are held in its dtype: LayerNorm hands them back in float32, and
+    # each of the four linear layers that read them per block would cast them again.
+    dtype = torch.get_autocast_dtype(image.device.type) if torch.is_autocast_enabled(image.device.type) else None
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> contiguous (B, HW, C), one copy
+        x = x.flatten(2).transpose(1, 2)
+        return x.to(dtype, memory_format=torch.contiguous_format) if dtype else x.contiguous()
+
+    keys, key_pe = tokens(image), tokens(image_pe)
+    queries = points
+    for layer in transformer.layers:
+        queries, keys = layer(queries=queries, keys=keys, query_pe=points, key_pe=key_pe)
+        if dtype:
+            keys = keys.to(dtype)
+    attn_out = transformer.final_attn_token_to_image(q=queries + points, k=keys + key_pe, v=keys)
+    return transformer.norm_final_attn(queries + attn_out), keys
 
 
 class PFedSAM(nn.Module):
@@ -222,9 +260,14 @@ class PFedSAM(nn.Module):
           units: encoder units to run (default ``prefix_units``; ``embedding_units`` gives the
             image embedding, frozen only when ``frozen_without_experts``).
         """
-        x = images
+        return self.encode_units(images, 0, self.prefix_units if units is None else units)
+
+    def encode_units(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Frozen encoder units ``start`` to ``stop`` (exclusive), without experts, on the output of
+        the first ``start`` units (``start=0``: on preprocessed images). Running ``0..a`` then
+        ``a..b`` gives the same numbers as ``0..b``: one pass can fill two caches."""
         with torch.no_grad():
-            for _, fn, _ in self._units[: self.prefix_units if units is None else units]:
+            for _, fn, _ in self._units[start:stop]:
                 x = fn(x)
         return x
 
@@ -270,9 +313,12 @@ class PFedSAM(nn.Module):
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(b, -1, -1), sparse.to(tokens.dtype)], dim=1)
         src = embeddings + dense
-        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        pos = self.prompt_encoder.get_dense_pe()
         _, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos, tokens)
+        if self.fast_upscale:
+            hs, src = _two_way_tokens_last(dec.transformer, src, pos, tokens)
+        else:
+            hs, src = dec.transformer(src, pos.expand(b, -1, -1, -1), tokens)
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # single-mask output token
         if self.fast_upscale and _pixelwise_upscaling(dec.output_upscaling):
             logits = _upscaled_logits(dec.output_upscaling, src, hyper, h, w)

@@ -163,8 +163,21 @@ class FeatureCache:
         self.misses += len(missing)
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
-            feats = encode(load_images(chunk)).detach().cpu().to(self.dtype)
-            for i, f in zip(chunk, feats, strict=True):
-                found[i] = f.clone()
-                self._write(keys[i], found[i])
+            self.store([keys[i] for i in chunk], encode(load_images(chunk)))
+            for i in chunk:
+                found[i] = self._memory[keys[i]]
         return torch.stack(found).float()  # type: ignore[arg-type]
+
+    def store(self, keys: list[str], feats: torch.Tensor) -> int:
+        """Store ``feats`` (one row per key) under the keys not cached yet; returns how many were written.
+
+        Readable entries already cached are kept as they are (recomputing one gives the same
+        bits; rewriting it would only cost disk writes); a torn or foreign file is replaced.
+        """
+        feats = feats.detach().cpu().to(self.dtype)
+        written = 0
+        for key, f in zip(keys, feats, strict=True):
+            if self._read(key) is None:
+                self._write(key, f.clone())
+                written += 1
+        return written

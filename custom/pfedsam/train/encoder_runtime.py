@@ -74,13 +74,18 @@ def resolve_runtime(choice: str, backbone: str, device: torch.device) -> tuple[s
 
 
 class _Prefix(nn.Module):
-    def __init__(self, model: nn.Module, units: int | None) -> None:
+    def __init__(self, model: nn.Module, cuts: tuple[int, ...]) -> None:
         super().__init__()
         self.model = model
-        self.units = units
+        self.cuts = cuts
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_prefix(images, self.units)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs, x, done = [], images, 0
+        for cut in self.cuts:
+            x = self.model.encode_units(x, done, cut)
+            outs.append(x)
+            done = cut
+        return tuple(outs)
 
 
 class OnnxPrefixEncoder:
@@ -91,16 +96,21 @@ class OnnxPrefixEncoder:
       path (Path): the ONNX file; exported there (atomically) when missing, reused otherwise.
       image_size (int): input side of the export.
       threads (int): ONNX Runtime intra-op threads (0 = torch's thread count).
-      units (int|None): encoder units exported (default: the model's frozen prefix).
+      cuts (tuple[int, ...]): increasing unit counts; the graph outputs the features after each
+        (default: the model's frozen prefix). Two cuts fill two caches in one pass, and give the
+        same bits as two single-cut graphs (test).
     """
 
     def __init__(self, model: nn.Module, path: str | Path, image_size: int, threads: int = 0,
-                 units: int | None = None) -> None:
+                 cuts: tuple[int, ...] | None = None) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
+        self.cuts = cuts or (model.prefix_units,)
+        if list(self.cuts) != sorted(set(self.cuts)):
+            raise ValueError(f"OnnxPrefixEncoder: cuts must increase, got {self.cuts}")
         if not self.path.is_file():
-            self.export(model, self.path, image_size, units)
+            self.export(model, self.path, image_size, self.cuts)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
@@ -108,7 +118,7 @@ class OnnxPrefixEncoder:
         self.input = self.session.get_inputs()[0].name
 
     @staticmethod
-    def export(model: nn.Module, path: Path, image_size: int, units: int | None = None) -> None:
+    def export(model: nn.Module, path: Path, image_size: int, cuts: tuple[int, ...]) -> None:
         """Export the prefix for one image (legacy exporter, opset 17).
 
         One image per call: TinyViT's reshapes are traced with the batch size as a constant, so
@@ -116,20 +126,21 @@ class OnnxPrefixEncoder:
         """
         log.info(f"exporting the frozen encoder to {path} (once per backbone)")
         was_training = model.training
-        wrapper = _Prefix(model, units).eval()  # the exporter restores the wrapper's mode: never train()
+        wrapper = _Prefix(model, cuts).eval()  # the exporter restores the wrapper's mode: never train()
         dummy = torch.rand(1, 3, image_size, image_size)
         try:
             atomic_write(path, lambda tmp: torch.onnx.export(
                 wrapper, (dummy,), tmp, dynamo=False, opset_version=17, input_names=["images"],
-                output_names=["features"],
+                output_names=[f"features{i}" for i in range(len(cuts))],
             ), suffix=".onnx")
         finally:
             model.train(was_training)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The features after each cut, ``(B, ...)`` per cut."""
         x = images.detach().cpu().float().numpy()
-        out = [self.session.run(None, {self.input: np.ascontiguousarray(x[i : i + 1])})[0] for i in range(len(x))]
-        return torch.from_numpy(np.concatenate(out))
+        out = [self.session.run(None, {self.input: np.ascontiguousarray(x[i : i + 1])}) for i in range(len(x))]
+        return tuple(torch.from_numpy(np.concatenate([o[c] for o in out])) for c in range(len(self.cuts)))
 
 
 def onnx_path(directory: Path, fingerprint: str) -> Path:

@@ -234,7 +234,7 @@ class SiteTrainer:
             log.info(why)
         self._onnx_dir = cache_dir if self.cache.mode == "disk" else self.workdir
         self._backbone = backbone
-        self._onnx: dict[int, OnnxPrefixEncoder] = {}  # per number of encoder units exported
+        self._onnx: dict[tuple[int, ...], OnnxPrefixEncoder] = {}  # per tuple of cuts exported
 
         split = load_split(self.site_dir, seed=cfg.train.seed, fractions=tuple(cfg.data.split_fractions))
         self.datasets: dict[str, SiteDataset] = {}
@@ -363,61 +363,83 @@ class SiteTrainer:
           images: preprocessed images ``(B, 3, S, S)``.
           units: encoder units to run (default: the model's prefix).
         """
-        units = self.model.prefix_units if units is None else units
+        return self.encode_cuts(images, (self.model.prefix_units if units is None else units,))[0]
+
+    @torch.no_grad()
+    def encode_cuts(self, images: torch.Tensor, cuts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """The frozen encoder's features after each of ``cuts`` (increasing unit counts), in one pass.
+
+        Each output has the same bits as ``encode_images(images, cut)``: the runs are the same
+        operations, and for ONNX Runtime a graph with several outputs computes them alike (test).
+        """
         if self.encoder_runtime == "onnxruntime":
-            if units not in self._onnx:
-                self._onnx[units] = OnnxPrefixEncoder(
-                    self.model, onnx_path(self._onnx_dir, f"{self._backbone}-prefix{units}"), self.model.image_size,
-                    units=units)
-            return self._onnx[units](images)
+            if cuts not in self._onnx:
+                name = "+".join(str(c) for c in cuts)
+                self._onnx[cuts] = OnnxPrefixEncoder(
+                    self.model, onnx_path(self._onnx_dir, f"{self._backbone}-prefix{name}"), self.model.image_size,
+                    cuts=cuts)
+            return self._onnx[cuts](images)
+        outs, x, done = [], images.to(self.device), 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            return self.model.encode_prefix(images.to(self.device), units).float()
+            for cut in cuts:
+                x = self.model.encode_units(x, done, cut)
+                outs.append(x.float())
+                done = cut
+        return tuple(outs)
 
     def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test"), every_s: float = 10.0) -> dict:
         """Compute and store the prefix features of every image in ``splits`` once.
 
+        With ``train.global_from_embedding`` one encoder pass per image fills both caches (the
+        tokens before the expert blocks and the image embedding).
+
         Arguments:
           splits: the splits to fill.
           every_s: seconds between progress lines (images done, images/s, time left) in the log.
-        Returns ``{"images", "computed", "seconds"}`` (``computed`` counts the embedding
-        cache's entries too with ``train.global_from_embedding``).
+        Returns ``{"images", "computed", "encoded", "seconds"}``: ``computed`` counts the entries
+        written (both caches'), ``encoded`` the images run through the encoder.
         """
         if not self.cache.enabled:
-            return {"images": 0, "computed": 0, "seconds": 0.0}
+            return {"images": 0, "computed": 0, "encoded": 0, "seconds": 0.0}
         start = time.perf_counter()
         total = sum(len(self._split(name)) for name in splits)
         bs = self.cfg.train.batch_size
+        caches = [(self.cache, "keys", self.model.prefix_units)]
+        if self.embedding_cache is not None:
+            caches.append((self.embedding_cache, "embedding_keys", self.model.embedding_units))
+        cuts = tuple(units for _, _, units in caches)
+        what = " and ".join(("feature", "image embedding")[: len(caches)])
+        todo = [(name, i) for name in splits for i in range(len(self._split(name)))
+                if any(not cache.contains(getattr(self._split(name), attr)[i]) for cache, attr, _ in caches)]
+        if todo:
+            log.info(f"{self.site_name}: filling the {what} cache: {len(todo)} of {total} images to encode "
+                     f"({self.encoder_runtime})")
         computed = 0
-        for embedding in (False, True) if self.embedding_cache is not None else (False,):
-            cache = self.embedding_cache if embedding else self.cache
-            what = "image embedding" if embedding else "feature"
-            todo = [(name, i) for name in splits
-                    for i, k in enumerate(self._split(name).embedding_keys if embedding else self._split(name).keys)
-                    if not cache.contains(k)]
-            if todo:
-                log.info(f"{self.site_name}: filling the {what} cache: {len(todo)} of {total} images to encode "
-                         f"({self.encoder_runtime})")
-            last = fill_start = time.perf_counter()
-            for n in range(0, len(todo), bs):
-                chunk = todo[n : n + bs]
-                for name in dict.fromkeys(name for name, _ in chunk):
-                    self._prefix(self._split(name), [i for nm, i in chunk if nm == name], embedding)
-                done = n + len(chunk)
-                now = time.perf_counter()
-                if now - last >= every_s or done == len(todo):
-                    rate = done / max(now - fill_start, 1e-9)
-                    log.info(f"{self.site_name}: {what} cache fill {done}/{len(todo)} images, {rate:.2f} images/s, "
-                             f"about {(len(todo) - done) / rate:.0f} s left")
-                    last = now
-            computed += len(todo)
-            for name in splits:  # load the ones already on disk into memory
+        last = fill_start = time.perf_counter()
+        for n in range(0, len(todo), bs):
+            chunk = todo[n : n + bs]
+            for name in dict.fromkeys(name for name, _ in chunk):
+                split = self._split(name)
+                idx = [i for nm, i in chunk if nm == name]
+                images = torch.stack([split.dataset.plain_sample(i)["image"] for i in idx])
+                for (cache, attr, _), feats in zip(caches, self.encode_cuts(images, cuts), strict=True):
+                    computed += cache.store([getattr(split, attr)[i] for i in idx], feats)
+            done = n + len(chunk)
+            now = time.perf_counter()
+            if now - last >= every_s or done == len(todo):
+                rate = done / max(now - fill_start, 1e-9)
+                log.info(f"{self.site_name}: {what} cache fill {done}/{len(todo)} images, {rate:.2f} images/s, "
+                         f"about {(len(todo) - done) / rate:.0f} s left")
+                last = now
+        for embedding in (False, True)[: len(caches)]:  # load the ones already on disk into memory
+            for name in splits:
                 split = self._split(name)
                 for begin in range(0, len(split), bs):
                     self._prefix(split, list(range(begin, min(begin + bs, len(split)))), embedding)
         # one bound for the folder both caches share: neither may evict this run's entries of the other
         keep = {k for name in splits for k in (*self._split(name).keys, *self._split(name).embedding_keys)}
         self.cache.prune(keep=keep)
-        return {"images": total, "computed": computed, "seconds": time.perf_counter() - start}
+        return {"images": total, "computed": computed, "encoded": len(todo), "seconds": time.perf_counter() - start}
 
     def _open_stream(self, stream: Stream) -> None:
         """Position the batch order and seed the augmentation for one phase of one round."""
