@@ -46,6 +46,7 @@ import functools
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -392,6 +393,17 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
                     record["tag"], record.get("searched_with", "")):
                 record["searched_with"] = tag.partition("+")[2]
     return renamed
+
+
+def code_version() -> str:
+    """The commit a row ran (``-dirty`` when tracked files differed from it), or ``unknown`` outside git:
+    a change of arithmetic (say, a faster decoder path) can then be told apart from a change of seed."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
 def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
@@ -1105,6 +1117,7 @@ def main() -> None:
         row.setdefault("wall_s", time.perf_counter() - start)
         row["search"], row["settings"] = search, now
         row["machine"] = machine_of(now, args.device)
+        row["code"] = code_version()
         results["runs"][key] = row
         save()
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
