@@ -47,3 +47,33 @@ def test_register_marks_this_process(tmp_path):
     marker = threads.register_site_process(tmp_path)
     assert marker.name == str(os.getpid()) and marker.exists()
     assert threads.live_site_processes(tmp_path) == 1
+
+
+def test_a_site_takes_its_share_from_the_next_step_when_another_starts(tmp_path, monkeypatch):
+    """Checked once per phase, a site that started just before the next simulator client kept every
+    core through its phase (3 threads on 2 cores); the count is re-checked before every step."""
+    import torch
+
+    from pfedsam.config import load_config
+    from pfedsam.data.synth import write_synthetic_sites
+    from pfedsam.train import SiteTrainer
+
+    monkeypatch.setattr(threads, "registry_dir", lambda: tmp_path / "sites")
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    write_synthetic_sites(tmp_path / "data", sites=1, per_site=12)
+    before = torch.get_num_threads()
+    try:
+        trainer = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu", "train.num_threads=0"]),
+                              "site-1", site_dir=tmp_path / "data" / "site-1", workdir=tmp_path / "w")
+        seen: list[int] = []
+
+        def another_site_starts_after_two_steps() -> bool:
+            seen.append(torch.get_num_threads())
+            if len(seen) == 2:
+                (tmp_path / "sites" / str(os.getppid())).touch()
+            return False
+
+        trainer.run_global_phase(4, abort=another_site_starts_after_two_steps)
+        assert seen == [2, 2, 1, 1]
+    finally:
+        torch.set_num_threads(before)

@@ -496,13 +496,23 @@ class SiteTrainer:
         return (boxes + noise * scale).clamp(0, size)
 
     # -- phases ------------------------------------------------------------------------------------------
+    def share_cores(self) -> None:
+        """Re-count the site processes on this host before each step and batch scored (a file listing).
+
+        Checked only once per phase, a site that started a moment before the next simulator
+        client kept every core through its phase while the other took its share: 3 threads on 2
+        cores, and that site's round took 55 s instead of about 30 (the README's job). A step's
+        numbers do not depend on the thread count (``pfedsam.model.norm``).
+        """
+        if self.device.type == "cpu":
+            apply_site_threads(self.cfg.train.num_threads)
+
     def _run(
         self, phase: str, steps: int, trainable: set[ParamKind], loss_fn: Callable,
         abort: Callable[[], bool] | None, stream: Stream | None = None,
     ) -> dict[str, float]:
         self._open_stream(stream or Stream(phase))
-        if self.device.type == "cpu":
-            apply_site_threads(self.cfg.train.num_threads)  # other site processes may have started or ended
+        self.share_cores()
         self.registry.set_trainable(self.model, trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if steps <= 0 or not params:
@@ -522,6 +532,7 @@ class SiteTrainer:
         for _ in tqdm(range(steps), desc=f"{self.site_name} {phase}", disable=None, leave=False):
             if abort is not None and abort():
                 break
+            self.share_cores()
             feats, masks, boxes = self._train_batch()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 parts = loss_fn(feats, masks, boxes)
@@ -682,6 +693,7 @@ class SiteTrainer:
         hd95 = ev.hd95 and (split != "val" or ev.hd95_val)
         original = ev.resolution == "original" and (split != "val" or ev.resolution_val)
         for start in range(0, len(s), bs):
+            self.share_cores()
             idx = list(range(start, min(start + bs, len(s))))
             logits = self.predict_logits(split, idx, which)
             if original:
