@@ -393,6 +393,65 @@ def test_layer_norm_gradients_do_not_depend_on_the_thread_count(rows, channels, 
         torch.testing.assert_close(grads[-1][0], reference(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("amp", [True])  # float32: not thread-invariant at this width (docs/config.md, train.amp)
+def test_the_expert_blocks_train_alike_on_one_and_two_threads(amp):
+    """The job's design runs TinyViT's last block forward and backward in every local step; torch's CPU
+    softmax backward over its 49-token windows depended on the thread count (the README's job gave other
+    personalized scores when a site's share of the cores changed). The block's attention uses
+    ``pfedsam.model.norm.softmax``: in bf16 the experts' gradients are the same bits on 1 and 2
+    threads, and the forward is the vendored module's."""
+    model = build_pfedsam(load_config(overrides=["backbone=litemedsam", "lmoe.placement=blocks", "lmoe.blocks=2"]))
+    model.registry.set_trainable(model, {ParamKind.LOCAL})
+    last = model._units[model.prefix_units][2]
+    assert "forward" in vars(last.attn)  # routed through the thread-invariant softmax
+    torch.manual_seed(0)
+    feats = torch.randn(4, 4096, _block_dim_of(model))
+    window = torch.randn(16, 49, last.attn.qkv.in_features)
+    with torch.no_grad():
+        assert torch.equal(last.attn(window), type(last.attn).forward(last.attn, window))
+    grads, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = model.embed_from_prefix(feats, use_experts=True).float().square().mean()
+            loss.backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("lmoe.") for k in grads[0])
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def _block_dim_of(model) -> int:
+    return model._units[model.prefix_units][2].attn.qkv.in_features
+
+
+@pytest.mark.parametrize("shape", [(400, 10, 49, 49), (4, 8, 4096, 5)])
+def test_softmax_gradient_is_torchs_and_thread_invariant(shape):
+    from pfedsam.model.norm import softmax
+
+    torch.manual_seed(0)
+    x, g = torch.randn(*shape), torch.randn(*shape)
+    out, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            xg = x.clone().requires_grad_(True)
+            y = softmax(xg)
+            y.backward(g)
+            out.append((y.detach(), xg.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    ref = x.double().requires_grad_(True)
+    ref.softmax(-1).backward(g.double())
+    torch.testing.assert_close(out[0][0], x.softmax(-1))
+    torch.testing.assert_close(out[0][1].double(), ref.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_the_decoder_layer_norms_are_thread_invariant_with_the_same_names():
     from pfedsam.model.norm import ThreadInvariantLayerNorm
 

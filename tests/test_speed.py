@@ -217,3 +217,24 @@ def test_hd95_only_in_the_final_evaluation_unless_asked(tmp_path, site, hd95_val
 def test_bad_speed_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         load_config(overrides=[f"{key}={value}"])
+
+
+def test_onnx_cache_fill_follows_the_site_thread_count(tmp_path, site, monkeypatch):
+    """A site re-counts its share of the cores while it fills the cache; the ONNX session must follow
+    (one per thread count), or a site that started alone keeps both cores beside the next one."""
+    monkeypatch.setenv("PFEDSAM_CACHE_DIR", str(tmp_path / "cache"))
+    trainer = SiteTrainer(load_config(overrides=["backbone=tiny", "train.device=cpu",
+                                                 "train.encoder_runtime=onnxruntime"]),
+                          "site-1", site_dir=site, workdir=tmp_path / "w")
+    images = torch.stack([trainer.datasets["train"].plain_sample(i)["image"] for i in range(2)])
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            out[n] = trainer.encode_images(images)
+        (encoder,) = trainer._onnx.values()
+        assert {n: s.get_session_options().intra_op_num_threads for n, s in encoder._sessions.items()} == {1: 1, 2: 2}
+        assert torch.equal(out[1], out[2])  # the cache's bits do not depend on who filled it
+    finally:
+        torch.set_num_threads(before)

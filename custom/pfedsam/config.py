@@ -112,9 +112,13 @@ class TrainConfig:
       device (str): ``auto``, ``cpu`` or ``cuda[:N]``.
       amp (bool): bf16 autocast in training, evaluation and the cache fill, on CUDA and on CPUs
         with native bf16 (AVX512-BF16 or AMX); on other CPUs the run stays float32 and logs
-        why. false = float32 everywhere. In both precisions a report does not depend on the
-        thread split (simulator ``-t``, ``num_threads``): the decoder's LayerNorm gradients are
-        summed on one thread (``pfedsam.model.norm``); not checked with ``fast_decoder: false``.
+        why. false = float32 everywhere. A report does not depend on the thread split
+        (simulator ``-t``, ``num_threads``): the decoder's LayerNorm gradients are summed on one
+        thread and the expert blocks' softmax gradient is reduced per row
+        (``pfedsam.model.norm``); checked with the experts on the embedding in both precisions,
+        with experts inside the encoder (``lmoe.placement: blocks``) in bf16 only: in float32
+        the experts' LiteMedSAM-width gradients still differ in the last bits between 1 and 2
+        threads. Not checked with ``fast_decoder: false``.
       fast_decoder (bool): run the mask decoder's upscaling (two 2x2 transposed convolutions,
         LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout:
         the same parameters and arithmetic, about half the step time on a CPU; false = the

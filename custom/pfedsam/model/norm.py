@@ -1,4 +1,4 @@
-"""LayerNorm whose weight and bias gradients do not depend on the number of CPU threads.
+"""LayerNorm and softmax whose gradients do not depend on the number of CPU threads.
 
 PyTorch's CPU LayerNorm backward sums the weight and bias gradients over the rows with one
 partial sum per thread, so the same step gives different gradients with 1 and 2 threads
@@ -10,6 +10,10 @@ to the rounding of the unfused affine. Cost measured (before the elementwise pro
 moved out of the one-thread section) on 2 threads, LiteMedSAM, batch 4, bf16:
 local step level (0.596 against 0.599 s), global step 0.489 against 0.420 s (medians of 3,
 noisy; docs/results.md).
+
+PyTorch's CPU softmax backward over short rows (TinyViT's 49-token windows) also depends on
+the thread count (the rows a thread takes decide which are vectorized): ``softmax`` here
+computes the same gradient, ``y * (g - sum(g * y))``, with one row per reduction.
 """
 
 from __future__ import annotations
@@ -57,6 +61,32 @@ class _Affine(torch.autograd.Function):
                 gw = gx_hat.sum(0).to(weight.dtype) if need_w else None
                 gb = g.sum(0).to(weight.dtype) if need_b else None
         return gx, gw, gb
+
+
+class _Softmax(torch.autograd.Function):
+    """``softmax`` over the last dimension; its backward reduces each row in one fixed order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return y * (grad - (grad * y).sum(-1, keepdim=True))
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension with a thread-invariant input gradient (the plain one when
+    no gradient is needed, e.g. in an export). Under autocast it runs in float32, as torch's does."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x.softmax(dim=-1)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _Softmax.apply(x.float())
+    return _Softmax.apply(x)
 
 
 def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None, bias: torch.Tensor | None,

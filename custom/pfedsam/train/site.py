@@ -417,6 +417,7 @@ class SiteTrainer:
         computed = 0
         last = fill_start = time.perf_counter()
         for n in range(0, len(todo), bs):
+            self.share_cores()
             chunk = todo[n : n + bs]
             for name in dict.fromkeys(name for name, _ in chunk):
                 split = self._split(name)
