@@ -395,15 +395,21 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
     return renamed
 
 
-def code_version() -> str:
-    """The commit a row ran (``-dirty`` when tracked files differed from it), or ``unknown`` outside git:
-    a change of arithmetic (say, a faster decoder path) can then be told apart from a change of seed."""
+def code_version(root: Path = Path(__file__).parent) -> str:
+    """The commit a row ran (``-dirty`` when the code, the job or the benchmark differed from it), or
+    ``unknown`` outside git: a change of arithmetic (say, a faster decoder path) can then be told
+    apart from a change of seed. Edits to docs or results do not count."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=30)
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--",
+                    *(f":(top){d}" for d in ("custom", "jobs", "benchmarks")))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
@@ -1104,7 +1110,7 @@ def main() -> None:
             old["search"] = old.get("search") or search
             return old
         print(f"{key}: running", flush=True)
-        start = time.perf_counter()
+        start, code = time.perf_counter(), code_version()  # what the row runs, before anything is edited
         try:
             runner = {"zero-shot": run_zero_shot, "centralized": run_centralized}.get(method)
             row = (runner(args, sites, seed, prompt, setting) if runner
@@ -1117,7 +1123,7 @@ def main() -> None:
         row.setdefault("wall_s", time.perf_counter() - start)
         row["search"], row["settings"] = search, now
         row["machine"] = machine_of(now, args.device)
-        row["code"] = code_version()
+        row["code"] = code
         results["runs"][key] = row
         save()
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)

@@ -556,3 +556,26 @@ def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_
         assert any(experts.values())
     fine_tuned = [v for k, v in adapted.items() if not k.startswith("pfedsam")]
     assert len(fine_tuned) == 2 and all(any(moved.values()) for moved, _ in fine_tuned)
+
+
+def test_a_row_records_the_commit_and_whether_its_code_differed(tmp_path):
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert bench.code_version(tmp_path) == "unknown"  # not a git checkout
+    for name in ("custom/pfedsam/model.py", "docs/results.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    (tmp_path / "benchmarks").mkdir()
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    clean = bench.code_version(tmp_path / "benchmarks")  # run.py sits in benchmarks/
+    assert len(clean) == 12 and all(c in "0123456789abcdef" for c in clean)
+    (tmp_path / "docs" / "results.md").write_text("new rows\n")
+    assert bench.code_version(tmp_path / "benchmarks") == clean  # docs and results do not count
+    (tmp_path / "custom" / "pfedsam" / "model.py").write_text("x = 2\n")
+    assert bench.code_version(tmp_path / "benchmarks") == clean + "-dirty"
