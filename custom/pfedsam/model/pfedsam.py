@@ -137,7 +137,8 @@ def _two_way_tokens_last(
     by a permute, so every ``keys + key_pe`` and every cast of the keys walks memory with a
     stride of ``HW``: on a CPU those passes over the step's largest tensors took longer than the
     decoder's matmuls. Here both are laid out once, contiguously, and the encoding (the same for
-    every image) is broadcast from one copy. Same modules, same arithmetic.
+    every image) is broadcast from one copy. Same modules; the same arithmetic in float32, and
+    under autocast the keys are rounded to its dtype once per block instead of at each projection.
 
     Arguments:
       transformer: ``mask_decoder.transformer``.
@@ -297,6 +298,15 @@ class PFedSAM(nn.Module):
             for _, fn, _ in self._units[start:stop]:
                 x = fn(x)
         return x
+
+    def encode_cuts(self, images: torch.Tensor, cuts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """The frozen encoder's features after each of ``cuts`` (increasing unit counts), in one pass."""
+        outs, x, done = [], images, 0
+        for cut in cuts:
+            x = self.encode_units(x, done, cut)
+            outs.append(x)
+            done = cut
+        return tuple(outs)
 
     def embed_from_prefix(self, features: torch.Tensor, use_experts: bool | None = None) -> torch.Tensor:
         """Image embedding ``(B, C, h, w)`` from prefix features."""

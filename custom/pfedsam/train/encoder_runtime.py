@@ -84,12 +84,7 @@ class _Prefix(nn.Module):
         self.cuts = cuts
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs, x, done = [], images, 0
-        for cut in self.cuts:
-            x = self.model.encode_units(x, done, cut)
-            outs.append(x)
-            done = cut
-        return tuple(outs)
+        return self.model.encode_cuts(images, self.cuts)
 
 
 class OnnxPrefixEncoder:

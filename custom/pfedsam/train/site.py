@@ -379,13 +379,8 @@ class SiteTrainer:
                     self.model, onnx_path(self._onnx_dir, f"{self._backbone}-prefix{name}"), self.model.image_size,
                     cuts=cuts)
             return self._onnx[cuts](images)
-        outs, x, done = [], images.to(self.device), 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            for cut in cuts:
-                x = self.model.encode_units(x, done, cut)
-                outs.append(x.float())
-                done = cut
-        return tuple(outs)
+            return tuple(x.float() for x in self.model.encode_cuts(images.to(self.device), cuts))
 
     def warm_cache(self, splits: tuple[str, ...] = ("train", "val", "test"), every_s: float = 10.0) -> dict:
         """Compute and store the prefix features of every image in ``splits`` once.
