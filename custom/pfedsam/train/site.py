@@ -338,7 +338,7 @@ class SiteTrainer:
     def _prefix(self, split: _Split, idx: list[int], embedding: bool = False) -> torch.Tensor:
         """Cached features of images ``idx``: the prefix's, or with ``embedding`` the image embedding."""
         def load(pos: list[int]) -> torch.Tensor:
-            return torch.stack([split.dataset.plain_sample(idx[p])["image"] for p in pos])
+            return self._images(split, [idx[p] for p in pos])
 
         units = self.model.embedding_units if embedding else self.model.prefix_units
         if not self.cache.enabled:
@@ -346,6 +346,11 @@ class SiteTrainer:
         cache, keys = (self.embedding_cache, split.embedding_keys) if embedding else (self.cache, split.keys)
         return cache.features([keys[i] for i in idx], load, lambda x: self.encode_images(x, units),
                               self.cfg.train.batch_size)
+
+    @staticmethod
+    def _images(split: _Split, idx: list[int]) -> torch.Tensor:
+        """Preprocessed, unaugmented images ``idx`` of a split (what the encoder caches)."""
+        return torch.stack([split.dataset.plain_sample(i)["image"] for i in idx])
 
     def _features(self, split: _Split, idx: list[int], experts: bool | None = None) -> Features:
         """The cached inputs of images ``idx`` that passes with (True), without (False) or with and
@@ -417,8 +422,8 @@ class SiteTrainer:
             for name in dict.fromkeys(name for name, _ in chunk):
                 split = self._split(name)
                 idx = [i for nm, i in chunk if nm == name]
-                images = torch.stack([split.dataset.plain_sample(i)["image"] for i in idx])
-                for (cache, attr, _), feats in zip(caches, self.encode_cuts(images, cuts), strict=True):
+                feats_per_cut = self.encode_cuts(self._images(split, idx), cuts)
+                for (cache, attr, _), feats in zip(caches, feats_per_cut, strict=True):
                     computed += cache.store([getattr(split, attr)[i] for i in idx], feats)
             done = n + len(chunk)
             now = time.perf_counter()
@@ -508,7 +513,6 @@ class SiteTrainer:
         abort: Callable[[], bool] | None, stream: Stream | None = None,
     ) -> dict[str, float]:
         self._open_stream(stream or Stream(phase))
-        self.share_cores()
         self.registry.set_trainable(self.model, trainable)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if steps <= 0 or not params:
