@@ -393,6 +393,71 @@ def test_layer_norm_gradients_do_not_depend_on_the_thread_count(rows, channels, 
         torch.testing.assert_close(grads[-1][0], reference(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,channels", [(16384, 256), (65536, 64), (300, 7)])
+def test_a_bf16_layer_norm_under_autocast_stays_bf16_and_thread_invariant(rows, channels):
+    """Under autocast torch would copy a bf16 input to float32 and hand float32 back; the decoder's
+    image tokens are held in bf16, so their LayerNorms run in bf16 with float32 statistics: output
+    in bf16, within its rounding of float32, and every gradient the same on 1, 2 and 3 threads."""
+    from pfedsam.model.norm import ThreadInvariantLayerNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(rows, channels) * 2 + 1).bfloat16()
+    norm = ThreadInvariantLayerNorm(channels)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    target = torch.randn(rows, channels)
+    runs, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            norm.zero_grad()
+            xg = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = norm(xg)
+                assert y.dtype == torch.bfloat16
+                (y.float() * target).sum().backward()
+            runs.append((y.detach(), xg.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
+    reference = torch.nn.LayerNorm(channels)
+    reference.load_state_dict(norm.state_dict())
+    xr = x.float().requires_grad_(True)
+    yr = reference(xr)
+    (yr * target).sum().backward()
+    y, gx, gw, gb = runs[0]
+    # the gradient reaching the norm is rounded to bf16 like its output: about 3 significant digits
+    for ours, theirs, tol in ((y, yr, 1e-2), (gx, xr.grad, 2e-2), (gw, reference.weight.grad, 1e-2),
+                              (gb, reference.bias.grad, 1e-2)):
+        scale = theirs.abs().max().item()
+        assert (ours.float() - theirs).abs().max().item() <= tol * scale
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # scoring computes the same function
+        assert torch.equal(norm(x), y)
+        assert norm(x.float()).dtype == torch.float32  # a float32 input follows torch's autocast
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_channels_last_embedding_gives_the_bits_of_a_contiguous_one(amp):
+    """The cache hands image embeddings over in channels-last memory (the L-MoE and the decoder read
+    them as tokens without a transposing copy); the logits must not depend on the layout."""
+    cfg = load_config(overrides=["backbone=tiny", "lmoe.placement=neck"])
+    model = build_pfedsam(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("lmoe."):
+                p.normal_(0, 0.05)
+    feats = model.encode_prefix(torch.rand(2, 3, 64, 64))
+    assert feats.dim() == 4
+    last = feats.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        for experts in (True, False):
+            assert torch.equal(model.forward_from_prefix(feats.contiguous(), use_experts=experts),
+                               model.forward_from_prefix(last, use_experts=experts))
+
+
 @pytest.mark.parametrize("amp", [True])  # float32: not thread-invariant at this width (docs/config.md, train.amp)
 def test_the_expert_blocks_train_alike_on_one_and_two_threads(amp):
     """The job's design runs TinyViT's last block forward and backward in every local step; torch's CPU

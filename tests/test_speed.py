@@ -90,6 +90,7 @@ def test_cache_dtype_is_stored_and_read_back(tmp_path, dtype, stored, tol):
     keys = [cache.key(i) for i in images]
     feats = cache.features(keys, lambda pos: images[pos], lambda x: x * 3.0)
     assert feats.dtype == torch.float32
+    assert feats.is_contiguous(memory_format=torch.channels_last)  # (B, C, h, w) embeddings: tokens as views
     torch.testing.assert_close(feats, images * 3.0, atol=tol * 3, rtol=tol)
     files = sorted(tmp_path.glob("*/*.pt"))
     assert len(files) == 3 and torch.load(files[0], weights_only=True).dtype == stored

@@ -14,6 +14,11 @@ noisy; docs/results.md).
 PyTorch's CPU softmax backward over short rows (TinyViT's 49-token windows) also depends on
 the thread count (the rows a thread takes decide which are vectorized): ``softmax`` here
 computes the same gradient, ``y * (g - sum(g * y))``, with one row per reduction.
+
+Under bf16 autocast torch runs every LayerNorm in float32: a bf16 input is copied to float32
+and the output handed back in float32, which the next linear layer casts again. Over the mask
+decoder's image tokens those copies and float32 passes cost more than the normalization, so a
+LayerNorm whose input already is in autocast's dtype stays in it here (statistics in float32).
 """
 
 from __future__ import annotations
@@ -89,9 +94,50 @@ def softmax(x: torch.Tensor) -> torch.Tensor:
     return _Softmax.apply(x)
 
 
+class _ReducedLayerNorm(torch.autograd.Function):
+    """LayerNorm over the last dimension of a bf16 (or float16) input, returned in that dtype.
+
+    torch's mixed-type CPU kernel (float32 weight and bias) does it in one pass with float32
+    statistics and one rounding, whether or not a gradient is needed (so training and scoring
+    compute the same function). The input gradient is torch's per-row kernel; the weight and
+    bias gradients are summed in float32 on one thread.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        out, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mean, rstd, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.to(x.dtype).contiguous()
+        gx = gw = gb = None
+        if need_x:  # per row: the same for any thread count
+            gx = torch.ops.aten.native_layer_norm_backward(
+                grad, x, (x.shape[-1],), mean, rstd, weight, None, [True, False, False])[0]
+        if need_w or need_b:
+            # Per element, on every thread: the float32 copy of the gradient and, for the weight,
+            # the normalized input recomputed from the kept statistics, times the gradient.
+            c = x.shape[-1]
+            g = grad.reshape(-1, c).float()
+            gx_hat = None
+            if need_w:  # (x - mean) * rstd * g, in place on one float32 copy (a mixed-dtype addcmul was 10x slower)
+                gx_hat = x.reshape(-1, c).float().sub_(mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1)).mul_(g)
+            with _one_cpu_thread(g):  # only the sums over rows need the fixed order
+                gw = gx_hat.sum(0).to(weight.dtype) if need_w else None
+                gb = g.sum(0).to(weight.dtype) if need_b else None
+        return gx, gw, gb, None
+
+
 def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
     """``F.layer_norm`` over the last dimension with thread-invariant parameter gradients.
+
+    Under autocast, an input already in autocast's dtype is normalized in that dtype and
+    returned in it (torch's autocast would return float32); any other input follows torch.
 
     Arguments:
       x: input ``(..., C)``.
@@ -99,6 +145,11 @@ def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | N
       weight, bias: the affine ``(C,)``, or None for none.
       eps: added to the variance.
     """
+    device = x.device.type
+    if (weight is not None and bias is not None and len(shape) == 1 and torch.is_autocast_enabled(device)
+            and x.dtype == torch.get_autocast_dtype(device) and x.dtype != torch.float32):
+        with torch.autocast(device, enabled=False):
+            return _ReducedLayerNorm.apply(x.contiguous(), weight, bias, eps)
     if weight is None or bias is None or not (weight.requires_grad or bias.requires_grad):
         return F.layer_norm(x, shape, weight, bias, eps)  # no parameter gradient to sum
     if len(shape) != 1:

@@ -321,7 +321,10 @@ class PFedSAM(nn.Module):
             if experts and key in self.lmoe:
                 x = self.lmoe[key](x)
         if experts and "neck" in self.lmoe:
-            x = self.lmoe["neck"](x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            # Tokens (B, h, w, C) laid out contiguously whatever the embedding's memory format (a
+            # view of the cache's channels-last embeddings): the router's mean over the tokens then
+            # sums in one order, so cached and freshly encoded embeddings route to the same bits.
+            x = self.lmoe["neck"](x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
         return x
 
     def prompt_embeddings(self, batch: int, boxes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

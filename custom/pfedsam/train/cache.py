@@ -166,7 +166,12 @@ class FeatureCache:
             self.store([keys[i] for i in chunk], encode(load_images(chunk)))
             for i in chunk:
                 found[i] = self._memory[keys[i]]
-        return torch.stack(found).float()  # type: ignore[arg-type]
+        stacked = torch.stack(found)  # type: ignore[arg-type]
+        if stacked.dim() == 4:
+            # Image embeddings (B, C, h, w) in channels-last memory: the L-MoE and the decoder read
+            # them as (B, h*w, C) tokens, which is then a view instead of a transposing copy per pass.
+            return stacked.to(torch.float32, memory_format=torch.channels_last)
+        return stacked.float()
 
     def store(self, keys: list[str], feats: torch.Tensor) -> int:
         """Store ``feats`` (one row per key) under the keys not cached yet; returns how many were written.
