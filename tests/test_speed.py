@@ -89,8 +89,9 @@ def test_cache_dtype_is_stored_and_read_back(tmp_path, dtype, stored, tol):
     images = torch.rand(3, 3, 8, 8)
     keys = [cache.key(i) for i in images]
     feats = cache.features(keys, lambda pos: images[pos], lambda x: x * 3.0)
-    assert feats.dtype == torch.float32
-    assert feats.is_contiguous(memory_format=torch.channels_last)  # (B, C, h, w) embeddings: tokens as views
+    assert feats.dtype == torch.float32 and feats.is_contiguous()
+    last = cache.features(keys, lambda pos: pytest.fail("cached"), None, channels_last=True)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, feats)
     torch.testing.assert_close(feats, images * 3.0, atol=tol * 3, rtol=tol)
     files = sorted(tmp_path.glob("*/*.pt"))
     assert len(files) == 3 and torch.load(files[0], weights_only=True).dtype == stored

@@ -120,9 +120,12 @@ class TrainConfig:
         the experts' LiteMedSAM-width gradients still differ in the last bits between 1 and 2
         threads. Not checked with ``fast_decoder: false``.
       fast_decoder (bool): run the mask decoder's upscaling (two 2x2 transposed convolutions,
-        LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout:
-        the same parameters and arithmetic, about half the step time on a CPU; false = the
-        segment_anything convolution path.
+        LayerNorm2d, GELU) and the mask product as per-pixel matmuls in channels-last layout,
+        its two-way transformer on image tokens stored ``(B, HW, C)`` (held in bf16 under
+        autocast), and hand cached image embeddings over in channels-last memory (the decoder
+        and a neck L-MoE read them as tokens without a transposing copy): the same parameters
+        and arithmetic, about half the step time on a CPU; false = the segment_anything
+        convolution path on contiguous embeddings.
       global_from_embedding (bool): with the experts inside the encoder (``lmoe.placement:
         blocks``) and no encoder LoRA, the passes with the experts off (the global phase, the
         KD teacher, the global model's evaluation) read a second cache of the image embedding

@@ -148,14 +148,18 @@ class FeatureCache:
         load_images: Callable[[list[int]], torch.Tensor],
         encode: Callable[[torch.Tensor], torch.Tensor],
         batch_size: int = 4,
+        channels_last: bool = False,
     ) -> torch.Tensor:
-        """Stacked features for ``keys``; missing ones are computed in batches and stored.
+        """Stacked float32 features for ``keys``; missing ones are computed in batches and stored.
 
         Arguments:
           keys: cache keys, one per image (from ``key``).
           load_images: positions in ``keys`` -> preprocessed image batch.
           encode: image batch -> prefix features (on any device; stored on the CPU).
           batch_size: images per encoder call for the missing ones.
+          channels_last: image embeddings ``(B, C, h, w)`` in channels-last memory (the same
+            values; the decoder and a neck L-MoE then read them as tokens without a transposing
+            copy). Features of other ranks are returned contiguous.
         """
         found = [self._read(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
@@ -167,9 +171,7 @@ class FeatureCache:
             for i in chunk:
                 found[i] = self._memory[keys[i]]
         stacked = torch.stack(found)  # type: ignore[arg-type]
-        if stacked.dim() == 4:
-            # Image embeddings (B, C, h, w) in channels-last memory: the L-MoE and the decoder read
-            # them as (B, h*w, C) tokens, which is then a view instead of a transposing copy per pass.
+        if channels_last and stacked.dim() == 4:  # one copy: the dtype and the layout together
             return stacked.to(torch.float32, memory_format=torch.channels_last)
         return stacked.float()
 

@@ -345,7 +345,7 @@ class SiteTrainer:
             return self.encode_images(load(list(range(len(idx)))), units)
         cache, keys = (self.embedding_cache, split.embedding_keys) if embedding else (self.cache, split.keys)
         return cache.features([keys[i] for i in idx], load, lambda x: self.encode_images(x, units),
-                              self.cfg.train.batch_size)
+                              self.cfg.train.batch_size, channels_last=self.cfg.train.fast_decoder)
 
     @staticmethod
     def _images(split: _Split, idx: list[int]) -> torch.Tensor:
