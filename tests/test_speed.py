@@ -99,6 +99,20 @@ def test_cache_dtype_is_stored_and_read_back(tmp_path, dtype, stored, tol):
     torch.testing.assert_close(again.features(keys, lambda pos: pytest.fail("cached"), None), feats)
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_features_encoded_in_bf16_never_share_entries_with_float32_ones(tmp_path, site, runtime):
+    """The torch cache fill runs under train.amp's bf16 autocast; ONNX Runtime always in float32."""
+    keys = {}
+    for amp in (False, True):
+        cfg = load_config(overrides=["backbone=litemedsam", "train.device=cpu", "train.cache=disk",
+                                     f"train.cache_dir={tmp_path}", f"train.encoder_runtime={runtime}",
+                                     f"train.amp={str(amp).lower()}"])
+        trainer = SiteTrainer(cfg, "site-1", site_dir=site, workdir=tmp_path / f"w{amp}")
+        keys[amp] = (trainer.amp, trainer._split("train").keys[0])
+    bf16_fill = runtime == "torch" and keys[True][0]  # amp stays off on a CPU without bf16 instructions
+    assert (keys[True][1] != keys[False][1]) == bf16_fill
+
+
 def test_float16_and_float32_entries_never_mix(tmp_path):
     image = torch.rand(3, 8, 8)
     assert FeatureCache("disk", "fp", tmp_path).key(image) != FeatureCache("disk", "fp", tmp_path,

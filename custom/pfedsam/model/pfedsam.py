@@ -115,7 +115,7 @@ def _upscaled_logits(up: nn.Sequential, tokens: torch.Tensor, hyper: torch.Tenso
     w1 = ct1.weight.permute(2, 3, 1, 0).reshape(4 * c1, c)  # (ky, kx, out) x in
     x = F.linear(tokens, w1, ct1.bias.repeat(4)).view(b, n, 4, c1)
     x = layer_norm(x, (c1,), ln.weight, ln.bias, ln.eps)
-    if torch.is_autocast_enabled(x.device.type):  # LayerNorm autocasts to float32; the activation need not
+    if torch.is_autocast_enabled(x.device.type):  # a no-op after our bf16 LayerNorm; torch's returns float32
         x = x.to(torch.get_autocast_dtype(x.device.type))
     x = act1(x)
     w2 = ct2.weight.permute(2, 3, 1, 0).reshape(4 * c2, c1)
@@ -146,8 +146,9 @@ def _two_way_tokens_last(
       image_pe: the dense positional encoding, ``(1, C, H, W)``.
       points: the output and sparse prompt tokens, ``(B, N, C)``.
     """
-    # Under autocast the keys are held in its dtype: LayerNorm hands them back in float32, and
-    # each of the four linear layers that read them per block would cast them again.
+    # Under autocast the keys are held in its dtype: each of the four linear layers that read
+    # them per block would cast them again. The decoder's LayerNorms (pfedsam.model.norm) keep
+    # them in it; the cast after each block only matters for a torch LayerNorm (float32 out).
     dtype = torch.get_autocast_dtype(image.device.type) if torch.is_autocast_enabled(image.device.type) else None
 
     def tokens(x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> contiguous (B, HW, C), one copy

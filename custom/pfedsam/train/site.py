@@ -216,8 +216,15 @@ class SiteTrainer:
         backbone = backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)
         cache_dir = Path(cfg.train.cache_dir).expanduser() if cfg.train.cache_dir else default_cache_dir()
 
+        self.encoder_runtime, why = resolve_runtime(cfg.train.encoder_runtime, cfg.backbone, self.device)
+        if why:
+            log.info(why)
+        # Features the encoder computed under bf16 autocast are other numbers than float32 ones
+        # (ONNX Runtime and torch without amp agree to 1e-4): they never share cache entries.
+        fill = "-bf16" if self.encoder_runtime == "torch" and self.amp else ""
+
         def feature_cache(units: int) -> FeatureCache:
-            return FeatureCache(cfg.train.cache, f"{backbone}-prefix{units}",
+            return FeatureCache(cfg.train.cache, f"{backbone}-prefix{units}{fill}",
                                 cache_dir if cfg.train.cache == "disk" else None,
                                 dtype=cfg.train.cache_dtype, max_bytes=int(cfg.train.cache_max_gb * 1e9))
 
@@ -229,9 +236,6 @@ class SiteTrainer:
         if self.cache.mode == "disk":
             log.info(f"{site_name}: feature cache {cache_dir} ({cfg.train.cache_dtype}, bound "
                      f"{cfg.train.cache_max_gb:g} GB; train.cache_dir to move it)")
-        self.encoder_runtime, why = resolve_runtime(cfg.train.encoder_runtime, cfg.backbone, self.device)
-        if why:
-            log.info(why)
         self._onnx_dir = cache_dir if self.cache.mode == "disk" else self.workdir
         self._backbone = backbone
         self._onnx: dict[tuple[int, ...], OnnxPrefixEncoder] = {}  # per tuple of cuts exported
