@@ -45,6 +45,16 @@ def _one_cpu_thread(t: torch.Tensor) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
+def _affine_grads(g: torch.Tensor, gx_hat: torch.Tensor | None, need_b: bool,
+                  dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of an affine over rows ``(N, C)``: the row sums of ``gx_hat`` (the
+    gradient times the normalized input; None when no weight gradient is needed) and of ``g``,
+    on one thread: only these sums over rows need the fixed order."""
+    with _one_cpu_thread(g):
+        return (gx_hat.sum(0).to(dtype) if gx_hat is not None else None,
+                g.sum(0).to(dtype) if need_b else None)
+
+
 class _Affine(torch.autograd.Function):
     """``x * weight + bias`` over the last dimension; parameter gradients summed on one thread."""
 
@@ -62,9 +72,7 @@ class _Affine(torch.autograd.Function):
         if need_w or need_b:
             g = grad.reshape(-1, grad.shape[-1])
             gx_hat = g * x.reshape(-1, x.shape[-1]) if need_w else None  # per element: any thread count
-            with _one_cpu_thread(g):  # only the sums over rows need the fixed order
-                gw = gx_hat.sum(0).to(weight.dtype) if need_w else None
-                gb = g.sum(0).to(weight.dtype) if need_b else None
+            gw, gb = _affine_grads(g, gx_hat, need_b, weight.dtype)
         return gx, gw, gb
 
 
@@ -126,9 +134,7 @@ class _ReducedLayerNorm(torch.autograd.Function):
             gx_hat = None
             if need_w:  # (x - mean) * rstd * g, in place on one float32 copy (a mixed-dtype addcmul was 10x slower)
                 gx_hat = x.reshape(-1, c).float().sub_(mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1)).mul_(g)
-            with _one_cpu_thread(g):  # only the sums over rows need the fixed order
-                gw = gx_hat.sum(0).to(weight.dtype) if need_w else None
-                gb = g.sum(0).to(weight.dtype) if need_b else None
+            gw, gb = _affine_grads(g, gx_hat, need_b, weight.dtype)
         return gx, gw, gb, None
 
 
