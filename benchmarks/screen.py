@@ -48,7 +48,7 @@ from pfedsam.train import SiteTrainer, run_final, run_round  # noqa: E402
 GLOBAL_KEYS = ("lora.", "decoder", "backbone", "checkpoint", "image_size", "prompt", "data.", "federation.",
                "train.lr_global", "train.global_steps", "train.local_steps", "train.final_steps", "train.batch_size",
                "train.seed", "train.prox_mu", "train.schedule", "train.grad_clip", "train.weight_decay",
-               "train.local_start")
+               "train.local_start", "train.batch_dice")
 # A screen's schedule: a local phase in every round (see the module's docstring).
 SCREEN_TRAIN = {"local_start": 0.0}
 

@@ -295,6 +295,28 @@ def test_distillation_image_weight():
     assert float(only_first) == pytest.approx(float(distillation_loss(student[:1], teacher[:1], 2.0)) / 3, rel=1e-6)
 
 
+# batch_dice, whether the false positives in a frame without a polyp get a Dice gradient
+@pytest.mark.parametrize("batch_dice, empty_frame_dice_grad", [(False, False), (True, True)])
+def test_segmentation_loss_dice_term_on_a_frame_without_a_polyp(batch_dice, empty_frame_dice_grad):
+    """A per-image Dice gives an empty frame no gradient (its Dice is ~1 whatever is predicted);
+    a batch Dice counts that frame's predicted pixels as false positives."""
+    logits = torch.full((2, 1, 16, 16), -4.0)
+    logits[:, :, :6, :6] = 4.0  # frame 0: a polyp found; frame 1: the same blob, but the frame is empty
+    masks = torch.zeros(2, 1, 16, 16)
+    masks[0, :, :6, :6] = 1
+    grads = []
+    for dice_only in (True, False):  # the Dice term alone, then Dice + cross-entropy
+        x = logits.clone().requires_grad_(True)
+        loss = segmentation_loss(batch_dice)
+        if dice_only:
+            loss.lambda_ce = 0.0
+        loss(x, masks).backward()
+        grads.append(x.grad[1, 0, :6, :6].abs().sum().item())
+    dice_grad, total_grad = grads
+    assert (dice_grad > 1e-3) is empty_frame_dice_grad
+    assert total_grad > 0  # cross-entropy pushes the blob down either way
+
+
 @pytest.mark.parametrize("overrides, last_cached", [
     (["lora.encoder_blocks=2", "lmoe.placement=blocks", "lmoe.blocks=1"], "blocks.1"),  # LoRA'd blocks run
     (["lmoe.placement=blocks", "lmoe.blocks=1"], "blocks.3"),  # experts on the last block: the block is cached

@@ -80,6 +80,10 @@ class TrainConfig:
       weight_decay (float): AdamW weight decay.
       kd_weight (float): lambda_kd; 0 switches KD off (ablation).
       kd_temperature (float): T of the distillation.
+      batch_dice (bool): the Dice loss over the batch's pixels instead of the mean of each
+        image's (``pfedsam.train.segmentation_loss``). An image's own Dice on a frame without a
+        polyp is about 1 whatever is predicted (no gradient), so only cross-entropy teaches such a
+        frame to stay empty; in a batch Dice its predicted pixels count as false positives.
       kd_gate (str): ``none`` (every image distilled alike) or ``teacher_dice`` (each image's KD
         term weighted by the teacher's Dice on it: no distillation where the global model is wrong,
         e.g. a polyp predicted in an empty frame).
@@ -151,6 +155,7 @@ class TrainConfig:
     kd_weight: float = 1.0
     kd_temperature: float = 2.0
     kd_gate: str = "none"
+    batch_dice: bool = False
     local_start: float = 0.0
     kd_start_round: int = 0
     balance_weight: float = 0.01

@@ -210,7 +210,7 @@ class SiteTrainer:
         self.amp, why = bf16_autocast(cfg.train.amp, self.device)
         if why:
             log.info(why)
-        self._seg = segmentation_loss()
+        self._seg = segmentation_loss(cfg.train.batch_dice)
 
         size = resolved_image_size(cfg)
         backbone = backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)
