@@ -14,8 +14,8 @@ def segmentation_loss(batch_dice: bool = False) -> DiceCELoss:
       batch_dice: one Dice over the batch's pixels instead of the mean of each image's. Why it
         matters: an image's own Dice on a frame without a polyp is ``1 - 1e-5 / (predicted area
         + 1e-5)``, about 1 whatever is predicted, so such a frame gets no Dice gradient and only
-        cross-entropy (per pixel, some ten times weaker) teaches it to stay empty; in a batch Dice its
-        predicted pixels enlarge the batch's denominator like any other false positive.
+        cross-entropy teaches it to stay empty; in a batch Dice its predicted pixels enlarge the
+        batch's denominator like any other false positive.
     """
     return DiceCELoss(sigmoid=True, squared_pred=False, reduction="mean", batch=batch_dice)
 
