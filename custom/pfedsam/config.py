@@ -81,10 +81,8 @@ class TrainConfig:
       kd_weight (float): lambda_kd; 0 switches KD off (ablation).
       kd_temperature (float): T of the distillation.
       batch_dice (bool): the Dice loss over the batch's pixels instead of the mean of each
-        image's (``pfedsam.train.segmentation_loss``). An image's own Dice on a frame without a
-        polyp is about 1 whatever is predicted (no gradient), so only cross-entropy teaches such a
-        frame to stay empty; in a batch Dice its predicted pixels count as false positives. On the
-        polyp benchmark it lost on validation (``docs/results.md``), hence off.
+        image's, so frames without a polyp get a Dice gradient (why: ``pfedsam.train.segmentation_loss``).
+        On the polyp benchmark it lost on validation (``docs/results.md``), hence off.
       kd_gate (str): ``none`` (every image distilled alike) or ``teacher_dice`` (each image's KD
         term weighted by the teacher's Dice on it: no distillation where the global model is wrong,
         e.g. a polyp predicted in an empty frame).
