@@ -4,7 +4,9 @@ Every federated row is a job variant (``pfedsam job list``) run by ``engine.fede
 job's own round, final personalization and aggregation rules, all sites in one process (see
 ``benchmarks/engine.py`` and its test against the FLARE simulator). Each centre is scored on
 its whole test split at every image's original resolution: Dice, HD95, Dice over the frames
-that contain a polyp, and the share of empty frames where something was predicted.
+that contain a polyp, and the share of empty frames where something was predicted. Each row also
+stores every image's predicted area, so the report can apply the size rule for frames without a
+polyp (``metrics.size_rule_threshold``, chosen per run and centre on validation) to every row alike.
 
     python benchmarks/run.py --search --methods pfedsam,fedavg,fedprox,ditto,local-plain,local
     python benchmarks/run.py --seeds 0,1,2 --methods pfedsam,fedavg,local-plain,local,ditto,centralized
@@ -68,6 +70,7 @@ from pfedsam.jobs import VARIANTS, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 from pfedsam.train.encoder_runtime import bf16_autocast  # noqa: E402
+from pfedsam.train.metrics import apply_size_rule, size_rule_threshold  # noqa: E402
 from pfedsam.train.rounds import has_one_model  # noqa: E402
 from pfedsam.train.site import select_device  # noqa: E402
 
@@ -427,15 +430,25 @@ def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "perso
     with trainer.global_swapped(personal if which == "personalized" else None):
         r = trainer.evaluate("test", which, per_image=True)
     images = r.pop("images")
-    return {**r, "images": [i["dice"] for i in images], "ids": [i["id"] for i in images]}
+    return {**r, "images": [i["dice"] for i in images], "ids": [i["id"] for i in images], **size_rule_inputs(images)}
 
 
-def site_row(trainer: SiteTrainer, personal: dict | None, val: float, with_global: bool = True) -> dict:
+def size_rule_inputs(images: list[dict], prefix: str = "") -> dict[str, list]:
+    """What the size rule needs besides the per-image Dice: predicted areas and empty truths."""
+    return {f"{prefix}pred_area": [round(i["pred_area"], 7) for i in images],
+            f"{prefix}truth_empty": [bool(i["truth_empty"]) for i in images]}
+
+
+def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global: bool = True) -> dict:
+    """Test scores of a site's model (and of the global one), with ``val``, its validation result
+    (``evaluate(..., per_image=True)``): the mean, and per image what pairs variants and chooses the size rule."""
     row = test_scores(trainer, personal, "personalized")
-    row["val_dice"] = val
+    row["val_dice"] = val["dice"]
+    row["val_images"] = [i["dice"] for i in val["images"]]
+    row.update(size_rule_inputs(val["images"], "val_"))
     if with_global:  # one model only (no personal part): its scores serve as both
         g = row if has_one_model(trainer, personal) else test_scores(trainer, None, "global")
-        row["global"] = {k: v for k, v in g.items() if k not in ("ids", "val_dice")}
+        row["global"] = {k: v for k, v in g.items() if k not in ("ids", "truth_empty") and not k.startswith("val_")}
     return row
 
 
@@ -454,9 +467,7 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
     per_site = {}
     for s, t in fed.trainers.items():
-        val = fed.final[s]["val"]["personalized"]
-        per_site[s] = site_row(t, fed.personal[s], val["dice"], has_global)
-        per_site[s]["val_images"] = [i["dice"] for i in val["images"]]  # pairs design variants on validation
+        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"], has_global)
         if seed == 0 and method in OVERLAY_METHODS:
             with t.global_swapped(fed.personal[s]):
                 t.save_model(args.out / "work" / "models" / f"{method}-{tag}" / s)
@@ -483,7 +494,7 @@ def run_zero_shot(args: argparse.Namespace, sites: list[str], seed: int, prompt:
     per_site = {}
     for s in sites:
         t = SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=args.out / "work" / "zero-shot" / s)
-        per_site[s] = site_row(t, None, t.evaluate("val", "global")["dice"], with_global=False)
+        per_site[s] = site_row(t, None, t.evaluate("val", "global", per_image=True), with_global=False)
     return {"per_site": per_site, "val_dice": float(np.mean([r["val_dice"] for r in per_site.values()])),
             "bytes_per_round_per_site": 0.0, "steps_per_site": 0, "images_per_site": 0}
 
@@ -523,7 +534,7 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
     for s in sites:
         t = SiteTrainer(site_cfg, s, site_dir=args.data_root / s, workdir=args.out / "work" / "centralized" / s)
         t.set_global_state(state)
-        per_site[s] = site_row(t, None, t.evaluate("val", "global")["dice"], with_global=False)
+        per_site[s] = site_row(t, None, t.evaluate("val", "global", per_image=True), with_global=False)
     busy = sum(p["seconds"] for r in results for p in r.phases.values())
     return {"per_site": per_site, "val_dice": float(np.mean([r["val_dice"] for r in per_site.values()])),
             "pooled_val_dice": final.val["global"]["dice"], "wall_s": wall, "bytes_per_round_per_site": None,
@@ -751,6 +762,48 @@ def variant_interval_table(results: dict) -> list[str]:
             + " | ".join(sites) + " |", "|" + "---|" * (len(sites) + 5), *lines] if lines else []
 
 
+def size_ruled(site: dict) -> tuple[list[float], float] | None:
+    """A site's per-image test Dice under the size rule chosen on its own validation split, and the
+    threshold; None for a row recorded before the rule's inputs were stored."""
+    if not all(k in site for k in ("val_images", "val_pred_area", "val_truth_empty", "pred_area", "truth_empty")):
+        return None
+    threshold = size_rule_threshold(site["val_images"], site["val_pred_area"], site["val_truth_empty"])
+    return apply_size_rule(site["images"], site["pred_area"], site["truth_empty"], threshold), threshold
+
+
+def empty_fp_under_rule(site: dict, threshold: float) -> float:
+    """Share of a site's frames without a polyp still predicted non-empty under the rule (NaN: none)."""
+    kept = [a > threshold for a, empty in zip(site["pred_area"], site["truth_empty"], strict=True) if empty]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def size_rule_table(results: dict) -> list[str]:
+    """Every row whose runs stored the rule's inputs: test Dice without and with the size rule.
+
+    The rule is post hoc and the same for every row: per run and centre, the area threshold best on
+    that run's validation split empties smaller predictions on its test split (``metrics.size_rule_threshold``).
+    """
+    sites = results["sites"]
+    lines = []
+    for (m, _prompt, tag), rows in grouped_runs(results).items():
+        runs = [r for _, r in rows]
+        ruled = {c: [size_ruled(r["per_site"][c]) for r in runs] for c in sites}
+        if any(x is None for per_run in ruled.values() for x in per_run):
+            continue
+        with_rule = {c: [dice for dice, _ in ruled[c]] for c in sites}
+        mean_with = np.mean([np.mean([np.mean(with_rule[c][k]) for c in sites]) for k in range(len(runs))])
+        empty_fp = [fp for c in sites for r, (_, t) in zip(runs, ruled[c], strict=True)
+                    if np.isfinite(fp := empty_fp_under_rule(r["per_site"][c], t))]
+        change = interval_text(paired_difference(with_rule, pooled_images(runs, sites)))
+        thresholds = " / ".join(f"{np.mean([t for _, t in ruled[c]]):.4f}" for c in sites)
+        lines.append(f"| {m} | {tag} | {len(runs)} | {np.mean([_site_mean(r, 'dice', sites) for r in runs]):.3f} | "
+                     f"**{mean_with:.3f}** | {change} | {_fmt(float(np.mean(empty_fp)) if empty_fp else None, '.3f')}"
+                     f" | {thresholds} |")
+    return ["| method | setting | seeds | mean Dice | **with the size rule** | rule minus none [95% CI] | "
+            "empty FP with the rule | threshold per centre (" + " / ".join(sites) + "; mean over seeds) |",
+            "|---|---|---|---|---|---|---|---|", *lines] if lines else []
+
+
 def ran_on(rows: list[tuple[int, dict]]) -> tuple[str, str] | None:
     """The (CPU, precision) every run of a row recorded, or None when they differ or one did not record it."""
     where = {(r["machine"]["device"], r["machine"]["precision"]) if r.get("machine") else None for _, r in rows}
@@ -907,6 +960,9 @@ def markdown(results: dict) -> str:
                 "", *changes]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
+    if rule := size_rule_table(results):
+        out += ["", "## The size rule for frames without a polyp (post hoc, every row alike; chosen on validation)",
+                "", *rule]
     out += ["", "## Every run: budget and cost", "", *budget_table(results)]
     out += ["", "## Communication per round per site (exact, from parameter counts)", "",
             "| backbone | full FT fp32 MB | full FT fp16 MB | pFedSAM fp32 MB | pFedSAM fp16 MB |",

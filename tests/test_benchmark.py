@@ -244,6 +244,29 @@ def test_design_variants_are_set_against_every_main_row_with_their_seeds_pooled(
     assert bench.variant_interval_table(_results({k: v for k, v in runs.items() if "+" not in k}, tuned)) == []
 
 
+def _with_size_rule_inputs(run: dict, val_area: list[float], area: list[float], empty: list[bool]) -> dict:
+    for site in run["per_site"].values():
+        site |= {"val_images": [d for d in site["images"]], "val_pred_area": val_area, "val_truth_empty": empty,
+                 "pred_area": area, "truth_empty": empty}
+    return run
+
+
+def test_the_size_rule_is_chosen_on_each_runs_validation_and_applied_to_its_test_split():
+    # per site: a polyp frame (Dice 0.8, area 0.1) and a frame without one; the rule's threshold is
+    # chosen on validation, where the empty frame's speck is 0.002 (seed 0) or 0.004 (seed 1)
+    runs = {f"fedavg|none|seed{s}|lr=3": _with_size_rule_inputs(_run([0.8, 0.0], [0.8, 0.0]), [0.1, v], [0.1, t],
+                                                                 [False, True])
+            for s, (v, t) in enumerate([(0.002, 0.001), (0.004, 0.01)])}
+    runs["pfedsam|none|seed0|lr=3"] = _run([0.5, 0.5], [0.5, 0.5])  # recorded before the rule's inputs: left out
+    lines = bench.size_rule_table(_results(runs))[2:]
+    # seed 0: test speck 0.001 <= 0.002 is removed (0.9); seed 1: 0.01 > 0.004 stays (0.4): mean 0.65
+    # the rule's gain per site: images [0, +1.0] / 2 seeds, [0, +0.5]; mean +0.25
+    assert lines == ["| fedavg | lr=3 | 2 | 0.400 | **0.650** | +0.250 [+0.000, +0.500] | 0.500 | 0.0030 / 0.0030 |"]
+    assert bench.empty_fp_under_rule(runs["fedavg|none|seed0|lr=3"]["per_site"]["a"], 0.0) == 1.0
+    assert np.isnan(bench.empty_fp_under_rule(_with_size_rule_inputs(_run([0.8], [0.8]), [0.1], [0.1], [False])
+                                              ["per_site"]["a"], 0.0))
+
+
 def test_design_variants_are_paired_with_rows_run_on_the_same_cpu_in_the_same_precision():
     zen3, zen4 = ({"device": "Zen 3", "precision": "float32"}, {"device": "Zen 4", "precision": "bf16"})
     variant = "lr=3+lmoe.placement=blocks,lmoe.blocks=2"

@@ -13,7 +13,14 @@ from PIL import Image
 
 from pfedsam.config import ConfigError, load_config
 from pfedsam.train import SiteTrainer
-from pfedsam.train.metrics import image_metrics, original_image_metrics, prediction_at_original, summarize
+from pfedsam.train.metrics import (
+    apply_size_rule,
+    image_metrics,
+    original_image_metrics,
+    prediction_at_original,
+    size_rule_threshold,
+    summarize,
+)
 
 torch.set_num_threads(2)
 NAN = float("nan")
@@ -98,6 +105,38 @@ def test_summary_of_frames_with_and_without_a_polyp(pairs, empty_dice, expected)
         assert got[key] == pytest.approx(value, nan_ok=True), key
 
 
+@pytest.mark.parametrize("pred_hw,valid,area", [((4, 4), (8, 8), 16 / 64), ((4, 4), (6, 8), 16 / 48),
+                                               ((0, 0), (8, 8), 0.0)])
+def test_predicted_area_is_a_share_of_the_scored_region(pred_hw, valid, area):
+    pred = torch.zeros(8, 8, dtype=torch.bool)
+    pred[: pred_hw[0], : pred_hw[1]] = True
+    pred[7, 7] = True  # in the padding when the valid region is 6 x 8: never counted
+    got = image_metrics(pred, E, valid)["pred_area"]
+    assert got == pytest.approx(area + (1 / 64 if valid == (8, 8) else 0.0))
+
+
+# dice, predicted area, truth empty (per image); the threshold chosen on them; the Dice it gives
+SIZE_RULE_CASES = [
+    ([0.8, 0.0], [0.1, 0.001], [False, False], 0.0, [0.8, 0.0]),  # no empty frame: nothing to gain, 0 kept
+    ([0.8, 0.0], [0.1, 0.002], [False, True], 0.002, [0.8, 1.0]),  # a speck on an empty frame is removed
+    ([0.6, 0.0], [0.03, 0.05], [False, True], 0.05, [0.0, 1.0]),  # areas overlap: a polyp is lost, the mean wins
+    ([0.9, 0.0, 0.0], [0.2, 0.001, 0.3], [False, True, True], 0.3, [0.0, 1.0, 1.0]),  # 0.667 beats 0.633 at 0.001
+    ([0.9, 1.0], [0.2, 0.0], [False, True], 0.0, [0.9, 1.0]),  # already empty: already right
+]
+
+
+@pytest.mark.parametrize("dice,area,empty,threshold,ruled", SIZE_RULE_CASES)
+def test_size_rule(dice, area, empty, threshold, ruled):
+    assert size_rule_threshold(dice, area, empty) == threshold
+    assert apply_size_rule(dice, area, empty, threshold) == pytest.approx(ruled)
+    assert apply_size_rule(dice, area, empty, 0.0) == pytest.approx(dice)  # threshold 0 changes nothing
+
+
+def test_size_rule_refuses_unpaired_lists():
+    with pytest.raises(ValueError, match="2 Dice, 1 areas and 2 truth flags"):
+        apply_size_rule([0.5, 0.5], [0.1], [False, True], 0.0)
+
+
 # --- SiteTrainer.evaluate on a small non-square site (tiny backbone, S = 64) -------------------------------
 IDS = [f"f{i}" for i in range(8)]
 SPLIT = {"train": IDS[:3], "val": IDS[3:5], "test": IDS[5:]}
@@ -165,7 +204,8 @@ def test_per_image_rows_follow_the_split(small, split):
     rows = got["images"]
     assert [r["id"] for r in rows] == SPLIT[split]
     assert [r["truth_empty"] for r in rows] == [i in EMPTY_IDS for i in SPLIT[split]]
-    assert set(rows[0]) == {"id", "dice", "hd95", "truth_empty", "pred_empty"}
+    assert set(rows[0]) == {"id", "dice", "hd95", "truth_empty", "pred_empty", "pred_area"}
+    assert all((r["pred_area"] == 0.0) == r["pred_empty"] and 0.0 <= r["pred_area"] <= 1.0 for r in rows)
     assert got["dice"] == pytest.approx(np.mean([r["dice"] for r in rows]))
     assert got["n_fg"] == sum(not r["truth_empty"] for r in rows)
 

@@ -18,6 +18,12 @@ Empty masks are real (frames without a polyp):
 ``summarize`` also reports ``dice_fg`` (mean Dice over images whose truth is non-empty),
 ``n_fg`` and ``empty_fp`` (share of truth-empty images with a non-empty prediction; NaN
 when there are none).
+
+Size rule (``size_rule_threshold``, ``apply_size_rule``): a model that paints a few pixels in
+every frame without a polyp loses those frames entirely. The rule empties a prediction whose
+area (share of the scored region) is at most a threshold chosen on a site's validation split;
+it needs only each image's Dice, predicted area and whether its truth is empty, so it can be
+applied after the fact, the same way to every method.
 """
 
 from __future__ import annotations
@@ -43,14 +49,16 @@ def image_metrics(
       truth: same shape, binary truth.
       valid_hw: (h, w) of the un-padded region; pixels outside it are ignored.
       hd95: also compute the 95th-percentile Hausdorff distance (pixels).
-    Returns ``{"dice", "hd95", "empty", "truth_empty", "pred_empty"}``: ``empty`` is 1.0 when both
-    masks are empty, ``truth_empty`` / ``pred_empty`` 1.0 when that mask is (all 0.0 otherwise).
+    Returns ``{"dice", "hd95", "empty", "truth_empty", "pred_empty", "pred_area"}``: ``empty`` is 1.0
+    when both masks are empty, ``truth_empty`` / ``pred_empty`` 1.0 when that mask is (all 0.0
+    otherwise), ``pred_area`` the predicted share of the scored region.
     """
     h, w = int(valid_hw[0]), int(valid_hw[1])
     p = pred.reshape(pred.shape[-2:])[:h, :w].float()[None, None]
     t = truth.reshape(truth.shape[-2:])[:h, :w].float()[None, None]
     p_any, t_any = bool(p.any()), bool(t.any())
-    out = {"empty": float(not p_any and not t_any), "truth_empty": float(not t_any), "pred_empty": float(not p_any)}
+    out = {"empty": float(not p_any and not t_any), "truth_empty": float(not t_any), "pred_empty": float(not p_any),
+           "pred_area": float(p.mean())}
     out["dice"] = float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0])
     if hd95:
         if p_any and t_any:
@@ -128,3 +136,38 @@ def summarize(rows: list[dict[str, float]], empty_dice: str = "one") -> dict[str
     out["dice_fg"] = _mean([r["dice"] for r in fg])
     out["empty_fp"] = _mean([1.0 - r["pred_empty"] for r in rows if r["truth_empty"]])
     return out
+
+
+def _dice_under_rule(dice: float, pred_area: float, truth_empty: bool, min_area: float) -> float:
+    # an emptied prediction scores 1 on a frame without a polyp and 0 on one with a polyp
+    return (1.0 if truth_empty else 0.0) if pred_area <= min_area else float(dice)
+
+
+def apply_size_rule(dice: list[float], pred_area: list[float], truth_empty: list[bool], min_area: float) -> list[float]:
+    """Per-image Dice after emptying every prediction whose area is at most ``min_area``.
+
+    Arguments:
+      dice: per-image Dice without the rule.
+      pred_area: per-image predicted share of the scored region (``image_metrics``'s ``pred_area``).
+      truth_empty: per image, whether its truth mask is empty.
+      min_area: the threshold; 0 changes nothing (an empty prediction stays empty).
+    """
+    if not len(dice) == len(pred_area) == len(truth_empty):
+        raise ValueError(f"size rule: {len(dice)} Dice, {len(pred_area)} areas and {len(truth_empty)} "
+                         "truth flags; they must be per image, the same images")
+    return [_dice_under_rule(d, a, t, min_area) for d, a, t in zip(dice, pred_area, truth_empty, strict=True)]
+
+
+def size_rule_threshold(dice: list[float], pred_area: list[float], truth_empty: list[bool]) -> float:
+    """The area threshold with the best mean Dice on these (validation) images; ties go to the
+    smallest, so a split without empty frames or small false positives keeps threshold 0.
+
+    Candidates are 0 and every predicted area seen, so the choice is exact, not a grid.
+    Arguments: as ``apply_size_rule``, for the split the threshold is chosen on.
+    """
+    best, best_score = 0.0, float(np.mean(apply_size_rule(dice, pred_area, truth_empty, 0.0))) if dice else 0.0
+    for a in sorted(set(float(x) for x in pred_area)):
+        score = float(np.mean(apply_size_rule(dice, pred_area, truth_empty, a)))
+        if score > best_score + 1e-12:
+            best, best_score = a, score
+    return best

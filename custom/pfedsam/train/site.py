@@ -681,9 +681,9 @@ class SiteTrainer:
         Arguments:
           split: ``train``, ``val`` or ``test``.
           which: ``personalized`` or ``global``.
-          per_image: also return ``images``: ``[{"id", "dice", "hd95", "truth_empty", "pred_empty"}]``
-            in split order (local analysis only; never sent over FLARE, whose final result
-            allows scalars only).
+          per_image: also return ``images``: ``[{"id", "dice", "hd95", "truth_empty", "pred_empty",
+            "pred_area"}]`` in split order (local analysis only; never sent over FLARE, whose final
+            result allows scalars only).
         Returns the ``summarize`` keys (``n``, ``n_empty``, ``dice``, ``hd95``, ``n_fg``, ``dice_fg``,
         ``empty_fp``), plus ``images`` with ``per_image``.
         """
@@ -712,6 +712,7 @@ class SiteTrainer:
         out: dict[str, Any] = summarize(rows, ev.empty_dice)
         if per_image:
             out["images"] = [{"id": s.ids[i], "dice": r["dice"], "hd95": r.get("hd95", float("nan")),
-                              "truth_empty": bool(r["truth_empty"]), "pred_empty": bool(r["pred_empty"])}
+                              "truth_empty": bool(r["truth_empty"]), "pred_empty": bool(r["pred_empty"]),
+                              "pred_area": r["pred_area"]}
                              for i, r in enumerate(rows)]
         return out
