@@ -778,7 +778,7 @@ def empty_fp_under_rule(site: dict, threshold: float) -> float:
 
 
 def size_rule_table(results: dict) -> list[str]:
-    """Every row whose runs stored the rule's inputs: test Dice without and with the size rule.
+    """Every row with runs that stored the rule's inputs: test Dice of those runs without and with the size rule.
 
     The rule is post hoc and the same for every row: per run and centre, the area threshold best on
     that run's validation split empties smaller predictions on its test split (``metrics.size_rule_threshold``).
@@ -786,17 +786,19 @@ def size_rule_table(results: dict) -> list[str]:
     sites = results["sites"]
     lines = []
     for (m, _prompt, tag), rows in grouped_runs(results).items():
-        runs = [r for _, r in rows]
-        ruled = {c: [size_ruled(r["per_site"][c]) for r in runs] for c in sites}
-        if any(x is None for per_run in ruled.values() for x in per_run):
+        # runs recorded before the rule's inputs were stored are left out; the seeds column says so
+        runs = [r for _, r in rows if all(size_ruled(r["per_site"][c]) for c in sites)]
+        if not runs:
             continue
+        ruled = {c: [size_ruled(r["per_site"][c]) for r in runs] for c in sites}
+        seeds = f"{len(runs)}" + (f" of {len(rows)}" if len(runs) < len(rows) else "")
         with_rule = {c: [dice for dice, _ in ruled[c]] for c in sites}
         mean_with = np.mean([np.mean([np.mean(with_rule[c][k]) for c in sites]) for k in range(len(runs))])
         empty_fp = [fp for c in sites for r, (_, t) in zip(runs, ruled[c], strict=True)
                     if np.isfinite(fp := empty_fp_under_rule(r["per_site"][c], t))]
         change = interval_text(paired_difference(with_rule, pooled_images(runs, sites)))
         thresholds = " / ".join(f"{np.mean([t for _, t in ruled[c]]):.4f}" for c in sites)
-        lines.append(f"| {m} | {tag} | {len(runs)} | {np.mean([_site_mean(r, 'dice', sites) for r in runs]):.3f} | "
+        lines.append(f"| {m} | {tag} | {seeds} | {np.mean([_site_mean(r, 'dice', sites) for r in runs]):.3f} | "
                      f"**{mean_with:.3f}** | {change} | {_fmt(float(np.mean(empty_fp)) if empty_fp else None, '.3f')}"
                      f" | {thresholds} |")
     return ["| method | setting | seeds | mean Dice | **with the size rule** | rule minus none [95% CI] | "

@@ -262,6 +262,8 @@ def test_the_size_rule_is_chosen_on_each_runs_validation_and_applied_to_its_test
     # seed 0: test speck 0.001 <= 0.002 is removed (0.9); seed 1: 0.01 > 0.004 stays (0.4): mean 0.65
     # the rule's gain per site: images [0, +1.0] / 2 seeds, [0, +0.5]; mean +0.25
     assert lines == ["| fedavg | lr=3 | 2 | 0.400 | **0.650** | +0.250 [+0.000, +0.500] | 0.500 | 0.0030 / 0.0030 |"]
+    runs["fedavg|none|seed2|lr=3"] = _run([0.1, 0.1], [0.1, 0.1])  # a seed without the inputs: counted, not used
+    assert bench.size_rule_table(_results(runs))[2].startswith("| fedavg | lr=3 | 2 of 3 | 0.400 | **0.650** |")
     assert bench.empty_fp_under_rule(runs["fedavg|none|seed0|lr=3"]["per_site"]["a"], 0.0) == 1.0
     assert np.isnan(bench.empty_fp_under_rule(_with_size_rule_inputs(_run([0.8], [0.8]), [0.1], [0.1], [False])
                                               ["per_site"]["a"], 0.0))
