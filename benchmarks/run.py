@@ -448,7 +448,9 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global
     row.update(size_rule_inputs(val["images"], "val_"))
     if with_global:  # one model only (no personal part): its scores serve as both
         g = row if has_one_model(trainer, personal) else test_scores(trainer, None, "global")
-        row["global"] = {k: v for k, v in g.items() if k not in ("ids", "truth_empty") and not k.startswith("val_")}
+        # the size rule's inputs stay with the personalized row: only it has validation areas to choose on
+        row["global"] = {k: v for k, v in g.items()
+                         if k not in ("ids", "truth_empty", "pred_area") and not k.startswith("val_")}
     return row
 
 
@@ -787,10 +789,12 @@ def size_rule_table(results: dict) -> list[str]:
     lines = []
     for (m, _prompt, tag), rows in grouped_runs(results).items():
         # runs recorded before the rule's inputs were stored are left out; the seeds column says so
-        runs = [r for _, r in rows if all(size_ruled(r["per_site"][c]) for c in sites)]
-        if not runs:
+        per_run = [(r, {c: size_ruled(r["per_site"][c]) for c in sites}) for _, r in rows]
+        per_run = [(r, by_site) for r, by_site in per_run if all(by_site.values())]
+        if not per_run:
             continue
-        ruled = {c: [size_ruled(r["per_site"][c]) for r in runs] for c in sites}
+        runs = [r for r, _ in per_run]
+        ruled = {c: [by_site[c] for _, by_site in per_run] for c in sites}
         seeds = f"{len(runs)}" + (f" of {len(rows)}" if len(runs) < len(rows) else "")
         with_rule = {c: [dice for dice, _ in ruled[c]] for c in sites}
         mean_with = np.mean([np.mean([np.mean(with_rule[c][k]) for c in sites]) for k in range(len(runs))])
