@@ -70,7 +70,7 @@ from pfedsam.jobs import VARIANTS, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 from pfedsam.train.encoder_runtime import bf16_autocast  # noqa: E402
-from pfedsam.train.metrics import apply_size_rule, size_rule_threshold  # noqa: E402
+from pfedsam.train.metrics import apply_size_rule, size_rule_empties, size_rule_threshold  # noqa: E402
 from pfedsam.train.rounds import has_one_model  # noqa: E402
 from pfedsam.train.site import select_device  # noqa: E402
 
@@ -775,7 +775,8 @@ def size_ruled(site: dict) -> tuple[list[float], float] | None:
 
 def empty_fp_under_rule(site: dict, threshold: float) -> float:
     """Share of a site's frames without a polyp still predicted non-empty under the rule (NaN: none)."""
-    kept = [a > threshold for a, empty in zip(site["pred_area"], site["truth_empty"], strict=True) if empty]
+    kept = [not size_rule_empties(a, threshold)
+            for a, empty in zip(site["pred_area"], site["truth_empty"], strict=True) if empty]
     return float(np.mean(kept)) if kept else float("nan")
 
 

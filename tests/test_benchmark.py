@@ -246,7 +246,7 @@ def test_design_variants_are_set_against_every_main_row_with_their_seeds_pooled(
 
 def _with_size_rule_inputs(run: dict, val_area: list[float], area: list[float], empty: list[bool]) -> dict:
     for site in run["per_site"].values():
-        site |= {"val_images": [d for d in site["images"]], "val_pred_area": val_area, "val_truth_empty": empty,
+        site |= {"val_images": list(site["images"]), "val_pred_area": val_area, "val_truth_empty": empty,
                  "pred_area": area, "truth_empty": empty}
     return run
 

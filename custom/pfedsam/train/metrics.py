@@ -138,9 +138,14 @@ def summarize(rows: list[dict[str, float]], empty_dice: str = "one") -> dict[str
     return out
 
 
+def size_rule_empties(pred_area: float, min_area: float) -> bool:
+    """Whether the size rule empties a prediction of this area (the one place the rule compares)."""
+    return pred_area <= min_area
+
+
 def _dice_under_rule(dice: float, pred_area: float, truth_empty: bool, min_area: float) -> float:
     # an emptied prediction scores 1 on a frame without a polyp and 0 on one with a polyp
-    return (1.0 if truth_empty else 0.0) if pred_area <= min_area else float(dice)
+    return (1.0 if truth_empty else 0.0) if size_rule_empties(pred_area, min_area) else float(dice)
 
 
 def apply_size_rule(dice: list[float], pred_area: list[float], truth_empty: list[bool], min_area: float) -> list[float]:
