@@ -80,6 +80,9 @@ def test_every_variant_spends_the_same_budget(variant):
          [{"global": 5}, {"personal": 2, "global": 3}, {"personal": 2, "global": 3}], {"personal": 2}),
         (["train.schedule=joint", "train.local_start=0.34"], [{"global": 5}, {"joint": 5}, {"joint": 5}],
          {"local": 2}),
+        (["train.schedule=concurrent"], [{"concurrent": 5}] * 3, {"local": 2}),
+        (["train.schedule=concurrent", "train.local_start=0.34"],
+         [{"global": 5}, {"concurrent": 5}, {"concurrent": 5}], {"local": 2}),
     ],
 )
 def test_plan_phases(overrides, rounds, final):
@@ -94,7 +97,7 @@ def test_plan_phases(overrides, rounds, final):
     [[], ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"],
      ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg", "federation.final_finetune=true"],
      ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"], ["train.schedule=joint"],
-     ["train.local_start=0.7"]],
+     ["train.schedule=concurrent"], ["train.local_start=0.7"]],
 )
 def test_rounds_and_final_spend_the_planned_steps(tmp_path, site, overrides):
     """What run_round / run_final actually train equals the plan: the budget is not only on paper."""

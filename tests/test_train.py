@@ -56,6 +56,35 @@ def test_joint_phase_trains_both(tmp_path, synth_site):
     assert _changed(g, trainer.get_global_state()) and _changed(loc, trainer.get_local_state())
 
 
+@pytest.mark.parametrize("extra", [[], ["train.kd_start_round=1", "train.prox_mu=0.1", "train.grad_clip=0.001"]])
+def test_concurrent_phase_moves_each_part_as_its_own_phase(tmp_path, synth_site, extra):
+    """A concurrent step = a global step for the global part and a local step for the L-MoE.
+
+    The L-MoE's loss must not reach the global parameters (nor their clipping): after three
+    steps the global part equals three global-phase steps on the same batches, and after one
+    step the experts equal one local-phase step (both start from the same global model).
+    """
+    trainer = _tiny(tmp_path, synth_site, "train.schedule=concurrent", *extra)
+    g0, loc0 = trainer.get_global_state(), trainer.get_local_state()
+
+    def run(phase: str, steps: int) -> tuple[dict, dict, dict]:
+        trainer.set_global_state(g0)
+        trainer.set_local_state(loc0)
+        stats = getattr(trainer, phase)(steps, stream=Stream("same", 0))  # same batches, same augmentation
+        return stats, trainer.get_global_state(), trainer.get_local_state()
+
+    _, g_global, loc_global = run("run_global_phase", 3)
+    stats, g_both, loc_both = run("run_concurrent_phase", 3)
+    assert stats["steps"] == 3 and np.isfinite(stats["local_loss"])
+    assert not _changed(g_global, g_both), "the L-MoE's loss leaked into the global parameters"
+    assert not _changed(loc0, loc_global) and _changed(loc0, loc_both)
+    _, g_local, loc_local = run("run_local_phase", 1)
+    _, g_both, loc_both = run("run_concurrent_phase", 1)
+    assert not _changed(g0, g_local) and _changed(g0, g_both)
+    for name in loc0:
+        np.testing.assert_allclose(loc_both[name], loc_local[name], rtol=0, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("kd_weight,kd_positive", [(0.0, False), (1.0, True)])
 def test_local_phase_reports_kd(tmp_path, synth_site, kd_weight, kd_positive):
     trainer = _tiny(tmp_path, synth_site, f"train.kd_weight={kd_weight}")

@@ -65,8 +65,11 @@ class TrainConfig:
     """Local training, shared by both phases.
 
     Arguments:
-      schedule (str): ``decoupled`` (local phase with KD, then global phase) or ``joint``
-        (global and local trained together; FedRep/FedPer-style ablation).
+      schedule (str): ``decoupled`` (local phase with KD, then global phase), ``joint``
+        (global and local trained together on one loss; FedRep/FedPer-style ablation) or
+        ``concurrent`` (every step trains both, each on its own loss: the global part as in the
+        global phase, the L-MoE with KD from that same pass; the global part loses no steps to
+        personalization, a step costs about a local plus a global one).
       local_steps (int): optimizer steps of the local (personalization) phase per round.
       global_steps (int): optimizer steps of the global phase per round. Every method spends
         ``local_steps + global_steps`` per round: one without a local phase spends both in its
@@ -331,7 +334,7 @@ _CHOICES = {
     "decoder_head": ("global", "local"),
     "lmoe.routing": ("image", "token"),
     "lmoe.placement": ("neck", "blocks"),
-    "train.schedule": ("decoupled", "joint"),
+    "train.schedule": ("decoupled", "joint", "concurrent"),
     "train.kd_gate": ("none", "teacher_dice"),
     "train.cache": ("memory", "disk", "none"),
     "train.cache_dtype": ("float16", "float32"),
@@ -486,9 +489,9 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     if cfg.federation.mode in ("fedavg", "ditto") and (cfg.lmoe.num_experts or cfg.train.kd_weight):
         raise ConfigError(f"{where}: 'federation.mode: {cfg.federation.mode}' needs 'lmoe.num_experts: 0' "
                           "and 'train.kd_weight: 0'")
-    if cfg.train.schedule == "joint" and (not cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
-        raise ConfigError(f"{where}: 'train.schedule: joint' trains the global part and the L-MoE together; "
-                          "it needs 'lmoe.num_experts' > 0 and a mode other than ditto")
+    if cfg.train.schedule in ("joint", "concurrent") and (not cfg.lmoe.num_experts or cfg.federation.mode == "ditto"):
+        raise ConfigError(f"{where}: 'train.schedule: {cfg.train.schedule}' trains the global part and the L-MoE "
+                          "in the same steps; it needs 'lmoe.num_experts' > 0 and a mode other than ditto")
     if cfg.decoder_head == "local" and (cfg.decoder != "full" or cfg.federation.mode == "ditto"):
         raise ConfigError(f"{where}: 'decoder_head: local' makes the mask head of a fully trained decoder "
                           "personal; it needs 'decoder: full' and a mode other than ditto")

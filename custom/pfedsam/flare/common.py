@@ -22,8 +22,8 @@ NUM_EXAMPLES_KEY = "pfedsam_num_examples"  # DXO meta key: training examples the
 # -- the metric allow-list: exactly what the executor emits, nothing else ---------------------------------
 # One table for the filters (GlobalOnlyFilter, MetricsOnlyFilter), the server's report and TensorBoard.
 # A name that is not here never leaves a site; code that emits a new metric adds its name here.
-_PHASES = ("local", "personal", "joint", "global")
-_PHASE_STATS = ("steps", "images", "loss", "seg", "kd", "balance", "prox")
+_PHASES = ("local", "personal", "joint", "concurrent", "global")
+_PHASE_STATS = ("steps", "images", "loss", "seg", "kd", "balance", "prox", "local_loss")
 ROUND_METRICS: dict[str, type] = {
     "val_dice_personalized": float, "val_dice_global": float, "val_hd95_personalized": float,
     "val_hd95_global": float, "round_seconds": float, "train_steps": float, "train_images": float,

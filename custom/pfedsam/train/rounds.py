@@ -20,7 +20,7 @@ from ..config import PFedSAMConfig, local_start_round
 from .site import SiteTrainer, Stream
 
 # Phases that train the global parameters that are sent (their steps are the round's "global steps").
-GLOBAL_PHASES = ("global", "joint")
+GLOBAL_PHASES = ("global", "joint", "concurrent")
 Phases = tuple[tuple[str, int], ...]
 
 
@@ -79,7 +79,7 @@ def plan_steps(cfg: PFedSAMConfig) -> StepPlan:
     per_round = t.local_steps + t.global_steps
     part = personal_phase(cfg)
     if part is not None:
-        one = (("joint", per_round),) if part == "local" and t.schedule == "joint" else (
+        one = ((t.schedule, per_round),) if part == "local" and t.schedule in ("joint", "concurrent") else (
             (part, t.local_steps), ("global", t.global_steps))
         plan = [one] * rounds
         final: Phases = ((part, t.final_steps),)
@@ -138,6 +138,8 @@ def _run_phase(
         return trainer.run_global_phase(steps, abort, stream), personal
     if phase == "joint":
         return trainer.run_joint_phase(steps, abort, stream), personal
+    if phase == "concurrent":
+        return trainer.run_concurrent_phase(steps, abort, stream), personal
     raise ValueError(f"unknown phase {phase!r}")
 
 
@@ -189,7 +191,7 @@ def run_round(
         out.phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
         if abort is not None and abort():
             break
-    if evaluate and not out.val:  # no global phase (joint): score after training
+    if evaluate and not out.val:  # no global phase (joint, concurrent): score after training
         out.val = evaluate_both(trainer, "val", personal)
     out.personal, out.seconds = personal, time.perf_counter() - start
     return out

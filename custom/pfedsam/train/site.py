@@ -522,12 +522,12 @@ class SiteTrainer:
         if steps <= 0 or not params:
             self.registry.set_trainable(self.model, set())
             return {"steps": 0, "images": 0, "loss": float("nan"), "seconds": 0.0}
-        groups = []
-        for kind, lr in ((ParamKind.GLOBAL, self.cfg.train.lr_global), (ParamKind.LOCAL, self.cfg.train.lr_local)):
+        by_kind: dict[ParamKind, list[torch.nn.Parameter]] = {}
+        for kind in (ParamKind.GLOBAL, ParamKind.LOCAL):
             names = set(self.registry.names(kind))
-            ps = [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
-            if ps:
-                groups.append({"params": ps, "lr": lr})
+            by_kind[kind] = [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
+        lrs = {ParamKind.GLOBAL: self.cfg.train.lr_global, ParamKind.LOCAL: self.cfg.train.lr_local}
+        groups = [{"params": ps, "lr": lrs[kind]} for kind, ps in by_kind.items() if ps]
         opt = torch.optim.AdamW(groups, weight_decay=self.cfg.train.weight_decay)
         self.model.train()
         totals: dict[str, float] = {}
@@ -541,9 +541,16 @@ class SiteTrainer:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 parts = loss_fn(feats, masks, boxes)
             opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
+            if "local_loss" in parts:  # concurrent: each part learns from its own loss and is clipped alone
+                parts["local_loss"].backward(inputs=by_kind[ParamKind.LOCAL], retain_graph=True)
+                parts["loss"].backward(inputs=by_kind[ParamKind.GLOBAL])
+                clip_sets = [ps for ps in by_kind.values() if ps]
+            else:
+                parts["loss"].backward()
+                clip_sets = [params]
             if self.cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
+                for ps in clip_sets:
+                    torch.nn.utils.clip_grad_norm_(ps, self.cfg.train.grad_clip)
             opt.step()
             done += 1
             for k, v in parts.items():
@@ -560,18 +567,21 @@ class SiteTrainer:
             return self.model.decode(feats.embedding, boxes)
         return self.model.forward_from_prefix(feats.prefix, boxes, use_experts=experts)
 
-    def local_loss(self, feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def local_loss(self, feats: Features, masks: torch.Tensor, boxes: torch.Tensor,
+                   teacher: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """seg(student) + lambda_kd * T^2 * KL(teacher || student) + lambda_bal * balance.
 
         KD is off before round ``train.kd_start_round``; with ``train.kd_gate: teacher_dice`` each
-        image's KL is weighted by the teacher's Dice on it.
+        image's KL is weighted by the teacher's Dice on it. ``teacher``: the global model's logits
+        on this batch when the caller has them (detached), else they are computed here.
         """
         t = self.cfg.train
         student = self._logits(feats, boxes, experts=True).float()
         parts = {"seg": self._seg(student, masks), "balance": self.model.balance_loss().to(student.device)}
         if t.kd_weight > 0 and self._stream.round >= t.kd_start_round:
-            with torch.no_grad():
-                teacher = self._logits(feats, boxes, experts=False).float()
+            if teacher is None:
+                with torch.no_grad():
+                    teacher = self._logits(feats, boxes, experts=False).float()
             gate = teacher_dice(teacher, masks, self.cfg.eval.threshold) if t.kd_gate == "teacher_dice" else None
             parts["kd"] = distillation_loss(student, teacher, t.kd_temperature, gate)
         else:
@@ -595,8 +605,10 @@ class SiteTrainer:
         names = set(self.global_names())
         anchor = {n: p.detach().clone() for n, p in self.model.named_parameters() if n in names} if weight else {}
 
-        def loss(feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
-            logits = self._logits(feats, boxes, experts=False).float()
+        def loss(feats: Features, masks: torch.Tensor, boxes: torch.Tensor,
+                 logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+            if logits is None:
+                logits = self._logits(feats, boxes, experts=False).float()
             parts = {"seg": self._seg(logits, masks)}
             parts["loss"] = parts["seg"]
             if weight:
@@ -659,6 +671,29 @@ class SiteTrainer:
 
         n = (self.cfg.train.local_steps + self.cfg.train.global_steps) if steps is None else steps
         return self._run("joint", n, {ParamKind.GLOBAL, ParamKind.LOCAL}, loss, abort, stream)
+
+    def run_concurrent_phase(self, steps: int | None = None, abort: Callable[[], bool] | None = None,
+                             stream: Stream | None = None) -> dict:
+        """Both parts every step, each on its own loss (``train.schedule: concurrent``).
+
+        The global parameters learn from the global model's loss (experts off, as in the global
+        phase); the L-MoE learns from ``local_loss`` with that same pass, detached, as its teacher.
+        Neither loss reaches the other part's parameters, and each part's gradient is clipped
+        alone, so the global parameters move exactly as in a global phase of the same length:
+        personalizing no longer takes optimizer steps from the global model. A step costs about
+        a local plus a global step, less one teacher pass.
+        """
+        global_loss = self._anchored_loss(self.cfg.train.prox_mu)
+
+        def loss(feats: Features, masks: torch.Tensor, boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+            teacher = self._logits(feats, boxes, experts=False).float()
+            parts = global_loss(feats, masks, boxes, logits=teacher)
+            local = self.local_loss(feats, masks, boxes, teacher=teacher.detach())
+            parts.update(kd=local["kd"], balance=local["balance"], local_loss=local["loss"])
+            return parts
+
+        n = (self.cfg.train.local_steps + self.cfg.train.global_steps) if steps is None else steps
+        return self._run("concurrent", n, {ParamKind.GLOBAL, ParamKind.LOCAL}, loss, abort, stream)
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
