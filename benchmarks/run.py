@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ from pfedsam.data import discover_sites, load_split  # noqa: E402
 from pfedsam.jobs import VARIANTS, variant_config  # noqa: E402
 from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
-from pfedsam.train.encoder_runtime import bf16_autocast  # noqa: E402
+from pfedsam.train.encoder_runtime import bf16_autocast, resolve_runtime  # noqa: E402
 from pfedsam.train.metrics import apply_size_rule, size_rule_empties, size_rule_threshold  # noqa: E402
 from pfedsam.train.rounds import has_one_model  # noqa: E402
 from pfedsam.train.site import select_device  # noqa: E402
@@ -415,13 +416,34 @@ def code_version(root: Path = Path(__file__).parent) -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
-def machine_of(settings: dict[str, object], device: str) -> dict[str, str]:
+# Packages whose versions can change a row's numbers (kernels, the ONNX cache fill, augmentation, resizing).
+# requirements.txt leaves most of them open, and a fresh install once changed a seed's trajectory from round 1
+# on (docs/results.md), so every row records what it ran with.
+NUMERIC_PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "monai", "scipy", "pillow", "timm")
+
+
+def package_versions(names: tuple[str, ...] = NUMERIC_PACKAGES) -> dict[str, str]:
+    """Installed version of each package in ``names`` ("not installed" where it is absent)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def machine_of(settings: dict[str, object], device: str) -> dict[str, object]:
     """Where a row ran and in what arithmetic: ``train.amp`` means bf16 only where the hardware has it,
-    so the same settings give float32 rows on one CPU and bf16 rows on another."""
+    so the same settings give float32 rows on one CPU and bf16 rows on another. Also what filled the
+    feature cache (ONNX Runtime or PyTorch) and the versions of the packages that shape the numbers."""
     dev = select_device(device)
     bf16, _ = bf16_autocast(bool(settings.get("train.amp", True)), dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
-    return {"device": name, "precision": "bf16" if bf16 else "float32"}
+    fill, _ = resolve_runtime(str(settings.get("train.encoder_runtime", "auto")),
+                              str(settings.get("backbone", "litemedsam")), dev)
+    return {"device": name, "precision": "bf16" if bf16 else "float32", "cache_fill": fill,
+            "packages": package_versions()}
 
 
 # -- scoring --------------------------------------------------------------------------------------------

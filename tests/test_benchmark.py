@@ -374,6 +374,23 @@ def test_each_row_records_its_cpu_and_the_precision_amp_gave_there(amp):
     assert "family" in machine["device"] or machine["device"]  # /proc/cpuinfo where there is one
 
 
+@pytest.mark.parametrize("runtime,expected", [("torch", "torch"), ("auto", "onnxruntime")])
+def test_each_row_records_what_filled_its_cache_and_its_package_versions(runtime, expected):
+    """A fresh install with other package versions can change a seed's trajectory: rows must say what
+    they ran with. ``auto`` fills LiteMedSAM's cache with ONNX Runtime on a CPU where it is installed."""
+    import importlib.util
+
+    import torch
+
+    if expected == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        expected = "torch"
+    machine = bench.machine_of({"train.encoder_runtime": runtime, "backbone": "litemedsam"}, "cpu")
+    assert machine["cache_fill"] == expected
+    assert set(machine["packages"]) == set(bench.NUMERIC_PACKAGES)
+    assert machine["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert bench.package_versions(("surely-not-a-package-xyz",)) == {"surely-not-a-package-xyz": "not installed"}
+
+
 @pytest.mark.parametrize("machine,text", [
     (None, "not recorded"),
     ({"device": "AMD EPYC (family 25 model 17)", "precision": "bf16"}, "AMD EPYC (family 25 model 17), bf16"),
