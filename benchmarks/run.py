@@ -418,8 +418,8 @@ def code_version(root: Path = Path(__file__).parent) -> str:
 
 # Packages whose versions can change a row's numbers (kernels, the ONNX cache fill, augmentation, resizing).
 # requirements.txt leaves most of them open, and a fresh install once changed a seed's trajectory from round 1
-# on (docs/results.md), so every row records what it ran with.
-NUMERIC_PACKAGES = ("torch", "onnxruntime", "onnx", "numpy", "monai", "scipy", "pillow", "timm")
+# on (docs/results.md), so every row records what it ran with; benchmarks/requirements-lock.txt pins them.
+NUMERIC_PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "numpy", "monai", "scipy", "pillow", "timm")
 
 
 def package_versions(names: tuple[str, ...] = NUMERIC_PACKAGES) -> dict[str, str]:

@@ -378,10 +378,6 @@ def test_each_row_records_its_cpu_and_the_precision_amp_gave_there(amp):
 def test_each_row_records_what_filled_its_cache_and_its_package_versions(runtime, expected):
     """A fresh install with other package versions can change a seed's trajectory: rows must say what
     they ran with. ``auto`` fills LiteMedSAM's cache with ONNX Runtime on a CPU where it is installed."""
-    import importlib.util
-
-    import torch
-
     if expected == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
         expected = "torch"
     machine = bench.machine_of({"train.encoder_runtime": runtime, "backbone": "litemedsam"}, "cpu")
@@ -389,6 +385,12 @@ def test_each_row_records_what_filled_its_cache_and_its_package_versions(runtime
     assert set(machine["packages"]) == set(bench.NUMERIC_PACKAGES)
     assert machine["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert bench.package_versions(("surely-not-a-package-xyz",)) == {"surely-not-a-package-xyz": "not installed"}
+
+
+def test_the_lock_file_pins_every_package_a_row_records():
+    lock = Path(bench.__file__).parent / "requirements-lock.txt"
+    pins = dict(line.split("==") for line in lock.read_text().splitlines() if line and not line.startswith("#"))
+    assert set(bench.NUMERIC_PACKAGES) <= set(pins), "pin every recorded package"
 
 
 @pytest.mark.parametrize("machine,text", [
