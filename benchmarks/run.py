@@ -417,8 +417,8 @@ def code_version(root: Path = Path(__file__).parent) -> str:
 
 
 # Packages whose versions can change a row's numbers (kernels, the ONNX cache fill, augmentation, resizing).
-# requirements.txt leaves most of them open, and a fresh install once changed a seed's trajectory from round 1
-# on (docs/results.md), so every row records what it ran with; benchmarks/requirements-lock.txt pins them.
+# requirements.txt leaves most of them open, and a row from another machine and install left the earlier rows'
+# trajectory from round 1 on (docs/results.md): every row records what it ran with, requirements-lock.txt pins it.
 NUMERIC_PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "numpy", "monai", "scipy", "pillow", "timm")
 
 
