@@ -461,15 +461,20 @@ def size_rule_inputs(images: list[dict], prefix: str = "") -> dict[str, list]:
             f"{prefix}truth_empty": [bool(i["truth_empty"]) for i in images]}
 
 
-def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global: bool = True) -> dict:
+def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global: bool = True,
+             global_state: dict | None = None) -> dict:
     """Test scores of a site's model (and of the global one), with ``val``, its validation result
-    (``evaluate(..., per_image=True)``): the mean, and per image what pairs variants and chooses the size rule."""
+    (``evaluate(..., per_image=True)``): the mean, and per image what pairs variants and chooses the size rule.
+    ``global_state``: G(T) where the site's own global parameters no longer hold it (FedAvg + fine-tune)."""
     row = test_scores(trainer, personal, "personalized")
     row["val_dice"] = val["dice"]
     row["val_images"] = [i["dice"] for i in val["images"]]
     row.update(size_rule_inputs(val["images"], "val_"))
     if with_global:  # one model only (no personal part): its scores serve as both
-        g = row if has_one_model(trainer, personal) else test_scores(trainer, None, "global")
+        if global_state is not None:
+            g = test_scores(trainer, global_state, "personalized")  # G(T) swapped in for the fine-tuned weights
+        else:
+            g = row if has_one_model(trainer, personal) else test_scores(trainer, None, "global")
         # the size rule's inputs stay with the personalized row: only it has validation areas to choose on
         row["global"] = {k: v for k, v in g.items()
                          if k not in ("ids", "truth_empty", "pred_area") and not k.startswith("val_")}
@@ -489,9 +494,11 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True))
     has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
+    # FedAvg + fine-tune fine-tunes each site's global parameters in place: its G(T) is the server's last state
+    g_state = fed.global_state if cfg.federation.final_finetune else None
     per_site = {}
     for s, t in fed.trainers.items():
-        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"], has_global)
+        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"], has_global, g_state)
         if seed == 0 and method in OVERLAY_METHODS:
             with t.global_swapped(fed.personal[s]):
                 t.save_model(args.out / "work" / "models" / f"{method}-{tag}" / s)

@@ -558,6 +558,28 @@ def test_numerics_summary_pairs_by_seed(plain, fast, diff_mean, diff_abs_max, sp
         assert summary["seed_spread_plain"] == pytest.approx(spread)
 
 
+def test_fedavg_finetune_reports_the_aggregated_model_as_its_global_one(tmp_path, monkeypatch):
+    """FedAvg + fine-tune trains each site's global parameters in place at the end: its "global Dice"
+    must score G(T), the server's last state, not the fine-tuned weights a second time."""
+    from pfedsam.data.synth import write_synthetic_sites
+
+    write_synthetic_sites(tmp_path / "data", sites=2, per_site=10, image_size=64, seed=0)
+    args = bench.parse_args(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--backbone",
+                             "tiny", "--rounds", "1", "--local-steps", "1", "--global-steps", "1", "--final-steps",
+                             "2", "--max-train", "4", "--batch-size", "2"])
+    feds = []
+    federate = bench.federate
+    monkeypatch.setattr(bench, "federate", lambda *a, **k: feds.append(federate(*a, **k)) or feds[-1])
+    row = bench.run_method("fedavg-ft", args, ["site-1", "site-2"], 0, "none", {"lr": 30.0})
+    fed = feds[0]
+    for s, t in fed.trainers.items():
+        fine_tuned = t.get_global_state()
+        assert any(not np.array_equal(fine_tuned[n], v) for n, v in fed.global_state.items())  # it did move
+        expected = bench.test_scores(t, fed.global_state, "personalized")
+        assert row["per_site"][s]["global"]["images"] == expected["images"]
+        assert row["per_site"][s]["images"] == bench.test_scores(t, None, "personalized")["images"]
+
+
 def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_fine_tuned(tmp_path, monkeypatch):
     """Leave-one-centre-out on tiny synthetic sites: both federations train without the centre, and
     at the centre pFedSAM's adaptation trains only a fresh L-MoE (its global part stays G) while
