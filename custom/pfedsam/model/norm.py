@@ -142,8 +142,9 @@ def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | N
                eps: float) -> torch.Tensor:
     """``F.layer_norm`` over the last dimension with thread-invariant parameter gradients.
 
-    Under autocast, an input already in autocast's dtype is normalized in that dtype and
-    returned in it (torch's autocast would return float32); any other input follows torch.
+    Under autocast on a CPU, an input already in autocast's dtype is normalized in that dtype
+    and returned in it (torch's autocast would return float32); any other input, and every input
+    on CUDA (whose kernel takes no float32 weight with a bf16 input), follows torch.
 
     Arguments:
       x: input ``(..., C)``.
@@ -152,7 +153,9 @@ def layer_norm(x: torch.Tensor, shape: tuple[int, ...], weight: torch.Tensor | N
       eps: added to the variance.
     """
     device = x.device.type
-    if (weight is not None and bias is not None and len(shape) == 1 and torch.is_autocast_enabled(device)
+    # the reduced path needs torch's mixed-dtype CPU kernel; CUDA's wants one dtype and follows autocast
+    if (device == "cpu" and weight is not None and bias is not None and len(shape) == 1
+            and torch.is_autocast_enabled(device)
             and x.dtype == torch.get_autocast_dtype(device) and x.dtype != torch.float32):
         with torch.autocast(device, enabled=False):
             return _ReducedLayerNorm.apply(x.contiguous(), weight, bias, eps)
