@@ -119,8 +119,9 @@ class TrainConfig:
       amp (bool): bf16 autocast in training, evaluation and a PyTorch cache fill, on CUDA and
         on CPUs with native bf16 (AVX512-BF16 or AMX); on other CPUs the run stays float32 and
         logs why. false = float32 everywhere. Features a bf16 fill computed are cached apart
-        from float32 ones (ONNX Runtime fills in float32). The decoder's LayerNorms keep a bf16
-        input in bf16 (float32 statistics) instead of autocast's float32. A report does not depend on the thread split
+        from float32 ones (ONNX Runtime fills in float32). On a CPU the decoder's LayerNorms keep
+        a bf16 input in bf16 (float32 statistics) instead of autocast's float32; on CUDA they
+        follow autocast (checked on an H200). A report does not depend on the thread split
         (simulator ``-t``, ``num_threads``): the decoder's LayerNorm gradients are summed on one
         thread and the expert blocks' softmax gradient is reduced per row
         (``pfedsam.model.norm``); checked with the experts on the embedding in both precisions,
