@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -955,6 +956,23 @@ def budget_table(results: dict) -> list[str]:
     return lines
 
 
+def results_json(obj: Any, level: int = 0) -> str:
+    """``json.dumps(obj, indent=1)`` with each list of plain values on one line.
+
+    The per-image score lists make up most of results.json; one value per line more than
+    doubled its size in git. Values are written exactly as ``json.dumps`` writes them.
+    """
+    pad = " " * (level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{pad}{json.dumps(str(k))}: {results_json(v, level + 1)}" for k, v in obj.items()]
+    elif isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
+        items = [pad + results_json(v, level + 1) for v in obj]
+    else:
+        return json.dumps(obj, default=float, separators=(",", ": "))
+    open_, close = ("{", "}") if isinstance(obj, dict) else ("[", "]")
+    return open_ + "\n" + ",\n".join(items) + "\n" + " " * level + close
+
+
 def unseen_table(results: dict) -> list[str]:
     if not results.get("unseen"):
         return []
@@ -1183,7 +1201,7 @@ def main() -> None:
 
     def save() -> None:
         tmp = args.out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1, default=float))
+        tmp.write_text(results_json(results))
         tmp.replace(args.out / "results.json")  # never a half-written file
         (args.out / "results.md").write_text(markdown(results))
         plots(results, args.out)  # a long benchmark shows its curves as runs land

@@ -645,3 +645,14 @@ def test_a_row_records_the_commit_and_whether_its_code_differed(tmp_path):
     assert bench.code_version(tmp_path / "benchmarks") == clean  # docs and results do not count
     (tmp_path / "custom" / "pfedsam" / "model.py").write_text("x = 2\n")
     assert bench.code_version(tmp_path / "benchmarks") == clean + "-dirty"
+
+
+@pytest.mark.parametrize("obj", [
+    {}, [], {"a": []}, {"a": [1, 2.5, None, "x", True]}, [[1, 2], [3]], {"a": {"b": [{"c": [0.1, 1e-9]}]}},
+    {"n": [float("nan"), np.float32(0.25)]},
+])
+def test_results_json_reads_back_as_json_dumps_wrote_it(obj):
+    """results.json's compact layout (score lists on one line) changes no value."""
+    text = bench.results_json(obj)
+    expected = json.loads(json.dumps(obj, default=float))
+    assert json.dumps(json.loads(text), sort_keys=True) == json.dumps(expected, sort_keys=True)
