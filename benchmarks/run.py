@@ -38,7 +38,8 @@ Unseen centres (``--unseen``): for each left-out centre, pFedSAM and FedAvg are 
 other centres; the left-out centre is scored with both global models, after a fresh L-MoE
 is adapted on pFedSAM's global model, and after FedAvg's global model is fine-tuned there:
 both adaptations get the steps a participating site's personal part trains in the whole run,
-each with the learning rate (of three) best on the centre's validation split.
+each with the learning rate best on the centre's validation split, searched as every method's
+(0.3, 1, 3, extended one rung at a time while the best is at an edge).
 """
 
 from __future__ import annotations
@@ -173,10 +174,8 @@ def overrides_of(setting: dict) -> dict:
     return {"train": train}
 
 
-def search_grid(method: str, best_lr: float | None = None) -> list[dict]:
-    """The settings the search tries for ``method``: the lr scales, then (at ``best_lr``) the knob's values."""
-    if best_lr is None:
-        return [{"lr": s} for s in LR_SCALES]
+def knob_grid(method: str, best_lr: float) -> list[dict]:
+    """The settings the search tries for ``method`` after its learning rate: its knob's values at ``best_lr``."""
     knob = KNOBS.get(method)
     return [] if knob is None else [{"lr": best_lr, knob[0]: v} for v in knob[1]]
 
@@ -205,23 +204,30 @@ def edge_step(tried: dict[str, tuple[float, dict]]) -> float | None:
     return None
 
 
+def search_lr(run: Callable[[dict], float]) -> dict[str, tuple[float, dict]]:
+    """The learning-rate part of every search: ``LR_SCALES``, extended along ``LR_LADDER`` while the best
+    is at an edge. ``run({"lr": scale})`` returns that point's validation Dice; returns tag -> (Dice, setting)."""
+    tried: dict[str, tuple[float, dict]] = {}
+
+    def attempt(lr: float) -> None:
+        tried[tag_of({"lr": lr})] = (run({"lr": lr}), {"lr": lr})
+
+    for lr in LR_SCALES:
+        attempt(lr)
+    while (lr := edge_step(tried)) is not None:
+        attempt(lr)
+    return tried
+
+
 def search(method: str, run: Callable[[dict], float]) -> dict:
     """One method's tuning search; ``run(setting)`` returns that run's validation Dice (recorded or new).
 
     The lr scales (extended along ``LR_LADDER`` while the best is at an edge), then the method's knob at
     the best scale. Returns the ``results["tuned"]`` entry: the chosen tag and setting and every point tried.
     """
-    tried: dict[str, tuple[float, dict]] = {}
-
-    def attempt(setting: dict) -> None:
+    tried = search_lr(run)
+    for setting in knob_grid(method, best_setting(tried)[1]["lr"]):
         tried[tag_of(setting)] = (run(setting), setting)
-
-    for setting in search_grid(method):
-        attempt(setting)
-    while (lr := edge_step(tried)) is not None:
-        attempt({"lr": lr})
-    for setting in search_grid(method, best_setting(tried)[1]["lr"]):
-        attempt(setting)
     val, setting = best_setting(tried)
     return {"tag": tag_of(setting), "setting": setting, "val_dice": val,
             "tried": {t: v for t, (v, _) in tried.items()}}
@@ -574,23 +580,27 @@ def run_centralized(args: argparse.Namespace, sites: list[str], seed: int, promp
             "train_images_per_s": sum(r.images for r in results) / busy if busy else None}
 
 
-def _adapt(method: str, lr_key: str, scales: tuple[float, ...], glob: dict, args: argparse.Namespace, centre: str,
-           seed: int, prompt: str, steps: int) -> dict:
-    """The final personalization of ``method`` at ``centre`` from ``glob`` with ``steps`` steps, once per
-    learning-rate scale; the one best on the validation split is scored on test."""
-    tried = {}
-    for scale in scales:
-        cfg = make_config(method, args, seed, prompt, {"lr": scale}, train={"final_steps": steps})
+def _adapt(method: str, lr_key: str, glob: dict, args: argparse.Namespace, centre: str, seed: int, prompt: str,
+           steps: int) -> dict:
+    """The final personalization of ``method`` at ``centre`` from ``glob`` with ``steps`` steps, at the
+    learning-rate scales of every search (``search_lr``: extended while the best is at an edge); the one
+    best on the centre's validation split is scored on test."""
+    adapted: dict[float, tuple[SiteTrainer, dict]] = {}
+
+    def adapt(setting: dict) -> float:
+        scale = setting["lr"]
+        cfg = make_config(method, args, seed, prompt, setting, train={"final_steps": steps})
         t = SiteTrainer(cfg, centre, site_dir=args.data_root / centre,
                         workdir=args.out / "work" / f"unseen-{centre}" / f"{method}-{scale:g}")
         t.set_global_state(glob)
         final = run_final(t, split="val")
-        tried[scale] = (final.val["personalized"]["dice"], t, final.personal)
-    best = max(tried, key=lambda s: tried[s][0])
-    _, t, personal = tried[best]
-    lr = getattr(t.cfg.train, lr_key)
-    return {**{k: v for k, v in test_scores(t, personal).items() if k != "ids"}, lr_key: lr,
-            "val_dice_by_lr_scale": {f"{k:g}": v[0] for k, v in tried.items()}}
+        adapted[scale] = (t, final.personal)
+        return final.val["personalized"]["dice"]
+
+    tried = search_lr(adapt)
+    t, personal = adapted[best_setting(tried)[1]["lr"]]
+    return {**{k: v for k, v in test_scores(t, personal).items() if k != "ids"}, lr_key: getattr(t.cfg.train, lr_key),
+            "val_dice_by_lr_scale": {f"{setting['lr']:g}": v for v, setting in tried.values()}}
 
 
 def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
@@ -616,10 +626,8 @@ def run_unseen(centre: str, args: argparse.Namespace, sites: list[str], seed: in
                         site_dir=args.data_root / centre, workdir=work / centre)
         t.set_global_state(fed.global_state)
         out[f"{method}_global"] = {k: v for k, v in test_scores(t, None, "global").items() if k != "ids"}
-    out["pfedsam_fresh_lmoe"] = _adapt("pfedsam", "lr_local", LR_SCALES, globs["pfedsam"], args, centre, seed,
-                                       prompt, steps)
-    out["fedavg_finetuned"] = _adapt("fedavg-ft", "lr_global", LR_SCALES, globs["fedavg"], args, centre, seed,
-                                     prompt, steps)
+    out["pfedsam_fresh_lmoe"] = _adapt("pfedsam", "lr_local", globs["pfedsam"], args, centre, seed, prompt, steps)
+    out["fedavg_finetuned"] = _adapt("fedavg-ft", "lr_global", globs["fedavg"], args, centre, seed, prompt, steps)
     return out
 
 
@@ -976,17 +984,33 @@ def results_json(obj: Any, level: int = 0) -> str:
 def unseen_table(results: dict) -> list[str]:
     if not results.get("unseen"):
         return []
+    def lr_text(adapted: dict) -> str:  # the chosen scale; flagged while its search stopped at an edge
+        tried = {f"lr={k}": v for k, v in adapted["val_dice_by_lr_scale"].items()}
+        chosen = best_setting({t: (v, {"lr": float(t[3:])}) for t, v in tried.items()})[1]["lr"]
+        pending = pending_lr({"tried": tried})
+        return f"{chosen:g}" + (f" (search open: {pending:g} to run)" if pending else "")
+
     lines = ["| left-out centre | pFedSAM global | + fresh L-MoE adapted | FedAvg global | FedAvg fine-tuned "
-             "| adapt steps | fresh L-MoE minus FedAvg fine-tuned |", "|---|---|---|---|---|---|---|"]
+             "| adapt steps | lr scale (L-MoE / fine-tune) | fresh L-MoE minus FedAvg fine-tuned |",
+             "|---|---|---|---|---|---|---|---|"]
     for centre, u in results["unseen"].items():
         if "error" in u:
-            lines.append(f"| {centre} | error: {u['error']} ||||||")
+            lines.append(f"| {centre} | error: {u['error']} |||||||")
             continue
         a, b = u["pfedsam_fresh_lmoe"], u["fedavg_finetuned"]
         d = paired_difference({centre: [a["images"]]}, {centre: [b["images"]]})
         lines.append(f"| {centre} | {u['pfedsam_global']['dice']:.3f} | {a['dice']:.3f} | "
                      f"{u['fedavg_global']['dice']:.3f} | {b['dice']:.3f} | {u['adapt_steps']} | "
-                     f"{interval_text(d)} |")
+                     f"{lr_text(a)} / {lr_text(b)} | {interval_text(d)} |")
+    done = {c: u for c, u in results["unseen"].items() if "error" not in u}
+    if len(done) > 1:  # every centre weighs the same, as in the main table
+        def mean(key: str) -> str:
+            return f"{np.mean([u[key]['dice'] for u in done.values()]):.3f}"
+
+        d = paired_difference({c: [u["pfedsam_fresh_lmoe"]["images"]] for c, u in done.items()},
+                              {c: [u["fedavg_finetuned"]["images"]] for c, u in done.items()})
+        lines.append(f"| **mean of {len(done)}** | {mean('pfedsam_global')} | {mean('pfedsam_fresh_lmoe')} | "
+                     f"{mean('fedavg_global')} | {mean('fedavg_finetuned')} | | | **{interval_text(d)}** |")
     return lines
 
 

@@ -87,12 +87,12 @@ def test_setting_tags_and_overrides(setting, tag, lr_scale):
 
 @pytest.mark.parametrize(
     "method,best_lr,expected",
-    [("fedavg", None, ["lr=0.3", "lr=1", "lr=3"]), ("fedavg", 3.0, []),
+    [("fedavg", 3.0, []),
      ("pfedsam", 0.3, ["lr=0.3,kd_weight=0.3", "lr=0.3,kd_weight=3"]),
      ("fedprox", 1.0, ["lr=1,prox_mu=0.001", "lr=1,prox_mu=0.1"])],
 )
-def test_search_grid(method, best_lr, expected):
-    assert [bench.tag_of(s) for s in bench.search_grid(method, best_lr)] == expected
+def test_knob_grid(method, best_lr, expected):
+    assert [bench.tag_of(s) for s in bench.knob_grid(method, best_lr)] == expected
 
 
 @pytest.mark.parametrize(
@@ -610,18 +610,22 @@ def test_an_unseen_centre_gets_a_fresh_lmoe_on_pfedsams_global_model_and_fedavg_
     monkeypatch.setattr(bench, "run_final", recording_final)
     out = bench.run_unseen("site-3", args, ["site-1", "site-2", "site-3"], 0, "none", _results({}))
     assert out["train_sites"] == ["site-1", "site-2"] and out["adapt_steps"] == 1 * 1 + 1
-    assert set(out["pfedsam_fresh_lmoe"]["val_dice_by_lr_scale"]) == {"1", "3"}
-    assert out["pfedsam_fresh_lmoe"]["lr_local"] in {s * bench.BASE.train.lr_local for s in (1.0, 3.0)}
-    assert out["fedavg_finetuned"]["lr_global"] in {s * bench.BASE.train.lr_global for s in (1.0, 3.0)}
+    for key, lr_key in (("pfedsam_fresh_lmoe", "lr_local"), ("fedavg_finetuned", "lr_global")):
+        tried = {float(s): v for s, v in out[key]["val_dice_by_lr_scale"].items()}
+        chosen = out[key][lr_key] / getattr(bench.BASE.train, lr_key)
+        assert {1.0, 3.0} <= set(tried) and chosen == pytest.approx(max(tried, key=tried.get))
+        # as in every search: a best scale at the edge of those tried is one at the ladder's end
+        assert chosen not in (min(tried), max(tried)) or chosen in (bench.LR_LADDER[0], bench.LR_LADDER[-1])
     for key in ("pfedsam_global", "fedavg_global", "pfedsam_fresh_lmoe", "fedavg_finetuned"):
         assert 0.0 <= out[key]["dice"] <= 1.0 and out[key]["n"] > 0
     pfedsam = [v for k, v in adapted.items() if k.startswith("pfedsam")]
-    assert len(pfedsam) == 2
+    assert len(pfedsam) == len(out["pfedsam_fresh_lmoe"]["val_dice_by_lr_scale"]) >= 3  # 1, 3 and one rung beyond
     for moved, experts in pfedsam:
         assert not any(moved.values())  # G untouched: only the fresh experts adapt
         assert any(experts.values())
     fine_tuned = [v for k, v in adapted.items() if not k.startswith("pfedsam")]
-    assert len(fine_tuned) == 2 and all(any(moved.values()) for moved, _ in fine_tuned)
+    assert len(fine_tuned) == len(out["fedavg_finetuned"]["val_dice_by_lr_scale"]) >= 3
+    assert all(any(moved.values()) for moved, _ in fine_tuned)
 
 
 def test_a_row_records_the_commit_and_whether_its_code_differed(tmp_path):
@@ -656,3 +660,29 @@ def test_results_json_reads_back_as_json_dumps_wrote_it(obj):
     text = bench.results_json(obj)
     expected = json.loads(json.dumps(obj, default=float))
     assert json.dumps(json.loads(text), sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+def _unseen(fresh: list[float], tuned: list[float], lrs: dict[str, float]) -> dict:
+    def scored(images: list[float]) -> dict:
+        return {"dice": float(np.mean(images)), "images": images}
+
+    return {"adapt_steps": 3, "pfedsam_global": scored([0.5, 0.5]), "fedavg_global": scored([0.4, 0.4]),
+            "pfedsam_fresh_lmoe": {**scored(fresh), "val_dice_by_lr_scale": lrs},
+            "fedavg_finetuned": {**scored(tuned), "val_dice_by_lr_scale": {"0.3": 0.6, "1": 0.7, "3": 0.5}}}
+
+
+@pytest.mark.parametrize("lrs, label", [
+    ({"0.3": 0.5, "1": 0.6, "3": 0.55}, "| 1 / 1 |"),
+    ({"0.3": 0.5, "1": 0.6, "3": 0.65}, "| 3 (search open: 10 to run) / 1 |"),  # recorded before the ladder
+    ({"0.3": 0.5, "1": 0.6, "3": 0.65, "10": 0.6}, "| 3 / 1 |"),
+    ({"0.3": 0.6, "1": 0.6, "3": 0.6}, "| 1 / 1 |"),  # a tie goes to the scale nearest 1
+])
+def test_unseen_table_names_each_chosen_lr_and_a_search_left_open(lrs, label):
+    results = {"unseen": {"a": _unseen([0.8, 0.6], [0.7, 0.5], lrs), "b": _unseen([0.6, 0.6], [0.6, 0.6], lrs),
+                          "c": {"error": "RuntimeError: out of memory"}}}
+    lines = bench.unseen_table(results)
+    assert label in lines[2] and lines[2].endswith("| +0.100 [+0.100, +0.100] |")
+    assert lines[4].startswith("| c | error: RuntimeError")
+    # the mean weighs each finished centre the same: (0.1 + 0.0) / 2
+    assert lines[5].startswith("| **mean of 2** | 0.500 | 0.650 | 0.400 | 0.600 |")
+    assert lines[5].endswith("| **+0.050 [+0.050, +0.050]** |")  # per-centre differences are constant
