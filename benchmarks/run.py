@@ -37,7 +37,7 @@ with the row it varies on validation (paired over validation images, same seed).
 Unseen centres (``--unseen``): for each left-out centre, pFedSAM and FedAvg are trained on the
 other centres; the left-out centre is scored with both global models, after a fresh L-MoE
 is adapted on pFedSAM's global model, and after FedAvg's global model is fine-tuned there:
-both adaptations get the steps a participating site's personal part trains in the whole run,
+both adaptations get the local phase's steps of a whole run (rounds x local steps + final steps),
 each with the learning rate best on the centre's validation split, searched as every method's
 (0.3, 1, 3, extended one rung at a time while the best is at an edge).
 """
@@ -982,13 +982,13 @@ def results_json(obj: Any, level: int = 0) -> str:
 
 
 def unseen_table(results: dict) -> list[str]:
+    """Leave-one-out: per left-out centre the four scores and each adaptation's lr, then their mean."""
     if not results.get("unseen"):
         return []
     def lr_text(adapted: dict) -> str:  # the chosen scale; flagged while its search stopped at an edge
-        tried = {f"lr={k}": v for k, v in adapted["val_dice_by_lr_scale"].items()}
-        chosen = best_setting({t: (v, {"lr": float(t[3:])}) for t, v in tried.items()})[1]["lr"]
-        pending = pending_lr({"tried": tried})
-        return f"{chosen:g}" + (f" (search open: {pending:g} to run)" if pending else "")
+        tried = {k: (v, {"lr": float(k)}) for k, v in adapted["val_dice_by_lr_scale"].items()}
+        pending = edge_step(tried)
+        return f"{best_setting(tried)[1]['lr']:g}" + (f" (search open: {pending:g} to run)" if pending else "")
 
     lines = ["| left-out centre | pFedSAM global | + fresh L-MoE adapted | FedAvg global | FedAvg fine-tuned "
              "| adapt steps | lr scale (L-MoE / fine-tune) | fresh L-MoE minus FedAvg fine-tuned |",
