@@ -133,6 +133,7 @@ def federate(make_trainer: Callable[[str], SiteTrainer], sites: list[str], final
         t.set_global_state(own[s] if own[s] is not None else glob)
         res = run_final(t, personal[s], split=final_split, per_image=True)
         personal[s] = res.personal
-        out.final[s] = {"val": res.val, "steps": res.steps, "seconds": res.seconds}
+        out.final[s] = {"val": res.val, "steps": res.steps, "seconds": res.seconds,
+                        "lr_scale": res.lr_scale, "val_by_lr_scale": res.val_by_lr_scale}
     out.global_state, out.seconds = glob, time.perf_counter() - start
     return out

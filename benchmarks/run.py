@@ -49,6 +49,7 @@ import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,11 +135,12 @@ def tag_of(setting: dict) -> str:
 
 
 def parse_overrides(text: str) -> dict[str, object]:
-    """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}."""
+    """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}.
+    A list is one value: ``train.final_lr_scales=[0.3,1,3]``."""
     if text.strip() == "default":
         return {}
     out: dict[str, object] = {}
-    for part in text.split(","):
+    for part in re.split(r",(?![^\[]*\])", text):  # not the commas of a list: train.final_lr_scales=[0.3,1,3]
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or "." not in key:
@@ -149,7 +151,10 @@ def parse_overrides(text: str) -> dict[str, object]:
 
 
 def variant_tag(variant: dict[str, object]) -> str:
-    return ",".join(f"{k}={v}" for k, v in variant.items()) or "default"
+    """The text ``parse_overrides`` reads back (a list without spaces: ``[0.3,1,3]``)."""
+    def text(v: object) -> str:
+        return "[" + ",".join(f"{x:g}" for x in v) + "]" if isinstance(v, list) else str(v)
+    return ",".join(f"{k}={text(v)}" for k, v in variant.items()) or "default"
 
 
 def row_tag(setting: dict, variant: dict | None = None) -> str:
@@ -506,6 +511,9 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     per_site = {}
     for s, t in fed.trainers.items():
         per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"], has_global, g_state)
+        if (final := fed.final[s])["lr_scale"] is not None:  # train.final_lr_scales: the scale kept, each tried
+            per_site[s]["final_lr_scale"] = final["lr_scale"]
+            per_site[s]["val_dice_by_final_lr_scale"] = {f"{k:g}": v for k, v in final["val_by_lr_scale"].items()}
         if seed == 0 and method in OVERLAY_METHODS:
             with t.global_swapped(fed.personal[s]):
                 t.save_model(args.out / "work" / "models" / f"{method}-{tag}" / s)

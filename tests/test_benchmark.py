@@ -146,6 +146,8 @@ def test_chosen_setting(method, tuned, expected, from_search):
     ("default", {}),
     ("train.local_steps=4,train.global_steps=20", {"train.local_steps": 4, "train.global_steps": 20}),
     ("train.kd_gate=teacher_dice,lmoe.hidden=64", {"train.kd_gate": "teacher_dice", "lmoe.hidden": 64}),
+    ("train.final_lr_scales=[0.3,1,3],train.local_start=1",
+     {"train.final_lr_scales": [0.3, 1, 3], "train.local_start": 1}),
 ])
 def test_parse_overrides(text, expected):
     assert bench.parse_overrides(text) == expected
@@ -156,6 +158,11 @@ def test_parse_overrides(text, expected):
 @pytest.mark.parametrize("variant, keeps_budget", [
     ({"train.local_steps": 4, "train.global_steps": 20}, True),  # steps moved between the phases
     ({"train.kd_weight": 0.5}, True),
+    # the experts only after the last round: 12 x (8 + 12) + 64, and 12 x (8 + 8) + 112
+    ({"train.local_start": 1.0, "train.global_steps": 12, "train.final_steps": 64}, True),
+    ({"train.local_start": 1.0, "train.global_steps": 8, "train.final_steps": 112,
+      "train.final_lr_scales": [0.3, 1, 3]}, True),
+    ({"train.local_start": 1.0, "train.final_steps": 64}, False),
     ({"train.local_steps": 4}, False),  # 12 x 4 fewer steps
     ({"train.global_steps": 8, "train.batch_size": 8}, False),  # half the global steps at twice the batch
     ({"train.local_steps": 4, "train.global_steps": 20, "train.batch_size": 8}, False),  # same steps, 2x images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -215,16 +216,21 @@ def test_resume_from_an_interrupted_job(tmp_path):
 
 
 def test_ditto_keeps_a_personal_copy_that_never_leaves_the_site(tmp_path):
-    """Ditto: each site trains a personal copy of the global parameters; only G's update is sent."""
+    """Ditto: each site trains a personal copy of the global parameters; only G's update is sent.
+    The final copy's learning rate is chosen at each site (train.final_lr_scales): its search stays there."""
     job = make_variant("pfedsam-tiny", tmp_path / "jobs", ROOT / "jobs" / "pfedsam", extra={
         "federation": {"mode": "ditto", "keep_round_states": True, "export_format": "none"},
-        "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0},
+        "lmoe": {"num_experts": 0}, "train": {"kd_weight": 0.0, "final_lr_scales": [0.5, 2.0]},
         "data": {"synthetic_dir": str(tmp_path / "synthetic")},
     })
     ws = tmp_path / "ws"
-    _simulate(job, ws, tmp_path)
+    log = _simulate(job, ws, tmp_path)
     report = json.loads((ws / "server" / "simulate_job" / "report.json").read_text())
     assert report["job"]["mode"] == "ditto"
+    assert "lr_scale" not in json.dumps(report["final"]) and "Traceback" not in log
+    for site in ("site-1", "site-2"):
+        assert re.search(rf"{site} final personalization: lr scale (0\.5|2) kept \(validation Dice by scale "
+                         r"0\.5: [0-9.]+, 2: [0-9.]+\)", log), site
     for site in ("site-1", "site-2"):
         folder = ws / site / "simulate_job" / f"app_{site}"
         with np.load(folder / "pfedsam_personal_global.npz") as data:

@@ -344,3 +344,66 @@ def test_a_site_with_one_model_is_scored_once(tmp_path, site, overrides, evaluat
         np.testing.assert_equal(final.val["personalized"], final.val["global"])
         np.testing.assert_equal(final.val["global"], evaluate("test", "personalized"))
         np.testing.assert_equal(final.val["global"], evaluate("test", "global"))
+
+
+# -- the final personalization's learning rate, chosen at the site --------------------------------------
+SEARCH_MODES = {
+    "pfedsam": [],
+    "fedavg-ft": ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg",
+                  "federation.final_finetune=true"],
+    "ditto": ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=ditto"],
+}
+
+
+@pytest.mark.parametrize("mode", list(SEARCH_MODES))
+def test_final_lr_search_keeps_the_scale_best_on_validation(tmp_path, site, mode):
+    """Each scale trains from the same start on the same batches: a separate site at that learning rate
+    reaches the same validation Dice, and the kept model is the one a single pass at the kept scale gives."""
+    scales = [0.3, 1.0, 3.0]
+    trainer = _trainer(tmp_path / "search", site, *SEARCH_MODES[mode], f"train.final_lr_scales={scales}")
+    personal = None
+    for rnd in range(3):
+        personal = run_round(trainer, rnd, personal).personal
+    start = trainer.get_global_state(), trainer.get_local_state(), personal
+    seen = _record_batches(trainer)
+    final = run_final(trainer, personal)
+    assert final.steps == 2 and len(seen) == 2 * len(scales)  # the kept model trained final_steps; each scale paid
+    assert len({tuple(idx) for _, _, idx in seen}) == 2  # every scale saw the same two batches
+    assert list(final.val_by_lr_scale) == scales and trainer.lr_scale == 1.0
+    assert final.lr_scale == max(scales, key=lambda s: (final.val_by_lr_scale[s], -abs(np.log(s))))
+    base = trainer.cfg.train
+    for scale in scales:
+        single = _trainer(tmp_path / f"single-{scale}", site, *SEARCH_MODES[mode],
+                          f"train.lr_local={base.lr_local * scale}", f"train.lr_global={base.lr_global * scale}")
+        single.set_global_state(start[0])
+        single.set_local_state(start[1])
+        alone = run_final(single, None if start[2] is None else dict(start[2]))
+        with single.global_swapped(alone.personal):
+            dice = single.evaluate("val", "personalized")["dice"]
+        assert dice == pytest.approx(final.val_by_lr_scale[scale], abs=1e-6)
+        if scale == final.lr_scale:
+            assert alone.val["personalized"]["dice"] == pytest.approx(final.val["personalized"]["dice"], abs=1e-6)
+            for name, value in single.get_local_state().items():
+                np.testing.assert_allclose(trainer.get_local_state()[name], value, atol=1e-6)
+            for name, value in single.get_global_state().items():
+                np.testing.assert_allclose(trainer.get_global_state()[name], value, atol=1e-6)
+
+
+def test_final_lr_search_breaks_a_tie_toward_scale_one(tmp_path, site, monkeypatch):
+    trainer = _trainer(tmp_path, site, "train.final_lr_scales=[3, 0.3, 1, 10]")
+    monkeypatch.setattr(trainer, "evaluate", lambda split="val", which="personalized", per_image=False: {"dice": 0.5})
+    assert run_final(trainer).lr_scale == 1
+
+
+@pytest.mark.parametrize("value,extra,message", [
+    ("[0.3, 0, 3]", [], "'train.final_lr_scales' must be distinct positive numbers"),
+    ("[1, 1]", [], "'train.final_lr_scales' must be distinct positive numbers"),
+    ("[true]", [], "'train.final_lr_scales' must be distinct positive numbers"),
+    ("['3']", [], "'train.final_lr_scales' must be distinct positive numbers"),
+    ("3", [], "'train.final_lr_scales' must be list"),
+    ("[1, 3]", ["train.final_steps=0"], "this job has none ('train.final_steps' is 0"),
+    ("[1, 3]", ["lmoe.num_experts=0", "train.kd_weight=0", "federation.mode=fedavg"], "this job has none"),
+])
+def test_final_lr_scales_are_checked(value, extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(overrides=[*extra, f"train.final_lr_scales={value}"])

@@ -85,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.save_model(Path(args.out) / "model", {"round": cfg.federation.rounds - 1,
                                                       "rounds": cfg.federation.rounds})
     result = {"site": args.site, "budget": plan.summary(), "history": history,
-              "final": {"phases": final.phases, "test": test},
+              "final": {"phases": final.phases, "test": test, "lr_scale": final.lr_scale,
+                        "val_dice_by_lr_scale": {f"{k:g}": v for k, v in final.val_by_lr_scale.items()}},
               "skipped_files": [str(b.path) for b in trainer.skipped]}
     (Path(args.out) / "train_report.json").write_text(json.dumps(result, indent=1))
     print(f"[{args.site}] test Dice personalized {test['personalized']['dice']:.4f} "

@@ -77,6 +77,12 @@ class TrainConfig:
       final_steps (int): optimizer steps of the final personalization against the last global
         model (the L-MoE or Ditto's copy; fine-tuning with ``federation.final_finetune``); a
         method with nothing to personalize spends them in its last round's global phase.
+      final_lr_scales (list): learning-rate scales the site tries for the final personalization
+        (each times ``lr_global``/``lr_local``, e.g. ``[0.3, 1, 3]``): it trains that phase once per
+        scale from the same start on the same batches, keeps the one with the best Dice on its own
+        validation split (a tie goes to the scale nearest 1) and discards the others. The kept
+        model has trained ``final_steps`` steps; the phase costs that many per scale. Nothing
+        leaves the site. Empty (default) = one pass at the configured rates.
       batch_size (int): images per step.
       lr_global (float): AdamW learning rate for global parameters.
       lr_local (float): AdamW learning rate for local (L-MoE) parameters.
@@ -151,6 +157,7 @@ class TrainConfig:
     local_steps: int = 10
     global_steps: int = 10
     final_steps: int = 10
+    final_lr_scales: list = field(default_factory=list)
     batch_size: int = 4
     lr_global: float = 1e-4
     lr_local: float = 1e-3
@@ -460,6 +467,20 @@ def local_start_round(cfg: PFedSAMConfig) -> int:
     return int(cfg.train.local_start * cfg.federation.rounds + 1e-9)  # 0.5 * 12 is 6, not 5.999...
 
 
+def personal_phase(cfg: PFedSAMConfig) -> str | None:
+    """The phase that trains the site's personal part: ``local`` (L-MoE or FedRep's head), ``personal``
+    (Ditto), or None."""
+    if cfg.federation.mode == "ditto":
+        return "personal"
+    return "local" if cfg.lmoe.num_experts > 0 or cfg.decoder_head == "local" else None
+
+
+def plan_has_final(cfg: PFedSAMConfig) -> bool:
+    """True when the job trains after its last round (``pfedsam.train.plan_steps``): a personal part or
+    ``federation.final_finetune``, with ``train.final_steps`` > 0."""
+    return cfg.train.final_steps > 0 and (personal_phase(cfg) is not None or cfg.federation.final_finetune)
+
+
 def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
     """Check value ranges and cross-key rules; raise ConfigError naming the key."""
     for key, choices in _CHOICES.items():
@@ -479,6 +500,15 @@ def validate(cfg: PFedSAMConfig, where: str = "config") -> PFedSAMConfig:
         raise ConfigError(
             f"{where}: 'lmoe.top_k' ({cfg.lmoe.top_k}) exceeds 'lmoe.num_experts' ({cfg.lmoe.num_experts})"
         )
+    scales = cfg.train.final_lr_scales
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf for x in scales) or (
+            len(set(scales)) != len(scales)):
+        raise ConfigError(f"{where}: 'train.final_lr_scales' must be distinct positive numbers (e.g. [0.3, 1, 3]), "
+                          f"got {scales!r}")
+    if scales and not plan_has_final(cfg):
+        raise ConfigError(f"{where}: 'train.final_lr_scales' chooses the final personalization's learning rate, "
+                          "but this job has none ('train.final_steps' is 0, or the model has no personal part "
+                          "and 'federation.final_finetune' is false)")
     fractions = cfg.data.split_fractions
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ConfigError(f"{where}: 'data.split_fractions' must be 3 non-negative numbers summing to 1")

@@ -277,6 +277,10 @@ class PFedSAMExecutor(Executor):
                 self.log_error(fl_ctx, f"ONNX export failed: {exc}\n{traceback.format_exc()}")
         self._log(fl_ctx, {f"test_dice_{w}": results[w]["dice"] for w in ("personalized", "global")},
                   cfg.federation.rounds)
+        if final.lr_scale is not None:  # the search stays in this site's log: its scores are not sent
+            tried = ", ".join(f"{k:g}: {v:.4f}" for k, v in final.val_by_lr_scale.items())
+            self.log_info(fl_ctx, f"{site} final personalization: lr scale {final.lr_scale:g} kept "
+                                  f"(validation Dice by scale {tried})")
         self.log_info(fl_ctx, f"{site} final test Dice personalized {results['personalized']['dice']:.4f} "
                               f"global {results['global']['dice']:.4f}; model in {folder}")
         return DXO(data_kind=DataKind.METRICS, data=results).to_shareable()

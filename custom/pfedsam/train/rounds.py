@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import PFedSAMConfig, local_start_round
+from ..config import PFedSAMConfig, local_start_round, personal_phase
 from .site import SiteTrainer, Stream
 
 # Phases that train the global parameters that are sent (their steps are the round's "global steps").
@@ -61,14 +61,6 @@ class StepPlan:
         }
 
 
-def personal_phase(cfg: PFedSAMConfig) -> str | None:
-    """The phase that trains the site's personal part: ``local`` (L-MoE or FedRep's head), ``personal``
-    (Ditto), or None."""
-    if cfg.federation.mode == "ditto":
-        return "personal"
-    return "local" if cfg.lmoe.num_experts > 0 or cfg.decoder_head == "local" else None
-
-
 def plan_steps(cfg: PFedSAMConfig) -> StepPlan:
     """The phases and optimizer steps of every round and of the final personalization.
 
@@ -104,12 +96,17 @@ class RoundResult:
         phases and before the global phase (the personalized model is G(t) + what it just learned).
       personal (dict|None): Ditto's personal copy after the round (None for other methods).
       seconds (float): wall time of the round at the site.
+      lr_scale (float|None): the final personalization's learning-rate scale the site kept
+        (``train.final_lr_scales``; None without that search).
+      val_by_lr_scale (dict): validation Dice of each scale the search tried.
     """
 
     phases: dict[str, dict] = field(default_factory=dict)
     val: dict[str, dict] = field(default_factory=dict)
     personal: dict[str, np.ndarray] | None = None
     seconds: float = 0.0
+    lr_scale: float | None = None
+    val_by_lr_scale: dict[float, float] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -215,17 +212,55 @@ def run_final(
       per_image: also keep each image's scores (``images``) in ``val``.
     """
     plan = plan_steps(trainer.cfg)
-    rounds = len(plan.rounds)
     out = RoundResult()
     start = time.perf_counter()
     if not plan.final:  # nothing trains after the last round: the two models are scored as they are now
         scores = evaluate_both(trainer, split, personal, per_image)
     else:
         scores = {"global": trainer.evaluate(split, "global", per_image=per_image)}
-        for phase, steps in plan.final:
-            stream = Stream(phase, rounds, plan.start(phase, rounds))
-            out.phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
+        if trainer.cfg.train.final_lr_scales:
+            personal = _final_lr_search(trainer, plan, personal, abort, out)
+        else:
+            out.phases, personal = _final_phases(trainer, plan, personal, abort)
         with trainer.global_swapped(personal):
             scores["personalized"] = trainer.evaluate(split, "personalized", per_image=per_image)
     out.val, out.personal, out.seconds = scores, personal, time.perf_counter() - start
     return out
+
+
+def _final_phases(trainer: SiteTrainer, plan: StepPlan, personal: dict | None,
+                  abort: Callable[[], bool] | None) -> tuple[dict[str, dict], dict | None]:
+    rounds, phases = len(plan.rounds), {}
+    for phase, steps in plan.final:
+        stream = Stream(phase, rounds, plan.start(phase, rounds))  # the same batches on every call
+        phases[phase], personal = _run_phase(trainer, phase, steps, personal, stream, abort)
+    return phases, personal
+
+
+def _final_lr_search(trainer: SiteTrainer, plan: StepPlan, personal: dict | None,
+                     abort: Callable[[], bool] | None, out: RoundResult) -> dict | None:
+    """The final phases once per ``train.final_lr_scales`` from the same start; the site keeps the one best
+    on its validation split (a tie: the scale nearest 1) and records each scale's Dice in ``out``."""
+    start = (trainer.get_global_state(), trainer.get_local_state(),
+             None if personal is None else {k: v.copy() for k, v in personal.items()})
+    best: tuple | None = None
+    try:
+        for scale in trainer.cfg.train.final_lr_scales:
+            trainer.set_global_state(start[0])
+            trainer.set_local_state(start[1])
+            trainer.lr_scale = float(scale)
+            phases, kept = _final_phases(trainer, plan, None if start[2] is None else dict(start[2]), abort)
+            with trainer.global_swapped(kept):
+                dice = trainer.evaluate("val", "personalized")["dice"]
+            out.val_by_lr_scale[float(scale)] = dice
+            rank = (dice, -abs(np.log(scale)))
+            if best is None or rank > best[0]:
+                best = (rank, scale, phases, kept, trainer.get_global_state(), trainer.get_local_state())
+            if abort is not None and abort():
+                break
+    finally:
+        trainer.lr_scale = 1.0
+    _, out.lr_scale, out.phases, kept, glob, local = best
+    trainer.set_global_state(glob)
+    trainer.set_local_state(local)
+    return kept

@@ -211,6 +211,7 @@ class SiteTrainer:
         if why:
             log.info(why)
         self._seg = segmentation_loss(cfg.train.batch_dice)
+        self.lr_scale = 1.0  # times train.lr_global/lr_local in every phase (the final lr search sets it)
 
         size = resolved_image_size(cfg)
         backbone = backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)
@@ -526,7 +527,8 @@ class SiteTrainer:
         for kind in (ParamKind.GLOBAL, ParamKind.LOCAL):
             names = set(self.registry.names(kind))
             by_kind[kind] = [p for n, p in self.model.named_parameters() if n in names and p.requires_grad]
-        lrs = {ParamKind.GLOBAL: self.cfg.train.lr_global, ParamKind.LOCAL: self.cfg.train.lr_local}
+        lrs = {ParamKind.GLOBAL: self.cfg.train.lr_global * self.lr_scale,
+               ParamKind.LOCAL: self.cfg.train.lr_local * self.lr_scale}
         groups = [{"params": ps, "lr": lrs[kind]} for kind, ps in by_kind.items() if ps]
         opt = torch.optim.AdamW(groups, weight_decay=self.cfg.train.weight_decay)
         self.model.train()
