@@ -241,25 +241,22 @@ def _final_lr_search(trainer: SiteTrainer, plan: StepPlan, personal: dict | None
                      abort: Callable[[], bool] | None, out: RoundResult) -> dict | None:
     """The final phases once per ``train.final_lr_scales`` from the same start; the site keeps the one best
     on its validation split (a tie: the scale nearest 1) and records each scale's Dice in ``out``."""
-    start = (trainer.get_global_state(), trainer.get_local_state(),
-             None if personal is None else {k: v.copy() for k, v in personal.items()})
+    # Loading a state copies it into the model, so neither these snapshots nor ``personal`` change.
+    glob, local = trainer.get_global_state(), trainer.get_local_state()
     best: tuple | None = None
-    try:
-        for scale in trainer.cfg.train.final_lr_scales:
-            trainer.set_global_state(start[0])
-            trainer.set_local_state(start[1])
-            trainer.lr_scale = float(scale)
-            phases, kept = _final_phases(trainer, plan, None if start[2] is None else dict(start[2]), abort)
-            with trainer.global_swapped(kept):
-                dice = trainer.evaluate("val", "personalized")["dice"]
-            out.val_by_lr_scale[float(scale)] = dice
-            rank = (dice, -abs(np.log(scale)))
-            if best is None or rank > best[0]:
-                best = (rank, scale, phases, kept, trainer.get_global_state(), trainer.get_local_state())
-            if abort is not None and abort():
-                break
-    finally:
-        trainer.lr_scale = 1.0
+    for scale in trainer.cfg.train.final_lr_scales:
+        trainer.set_global_state(glob)
+        trainer.set_local_state(local)
+        with trainer.lr_scaled(scale):
+            phases, kept = _final_phases(trainer, plan, personal, abort)
+        with trainer.global_swapped(kept):
+            dice = trainer.evaluate("val", "personalized")["dice"]
+        out.val_by_lr_scale[float(scale)] = dice
+        rank = (dice, -abs(np.log(scale)))
+        if best is None or rank > best[0]:
+            best = (rank, scale, phases, kept, trainer.get_global_state(), trainer.get_local_state())
+        if abort is not None and abort():
+            break
     _, out.lr_scale, out.phases, kept, glob, local = best
     trainer.set_global_state(glob)
     trainer.set_local_state(local)

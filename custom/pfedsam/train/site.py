@@ -211,7 +211,7 @@ class SiteTrainer:
         if why:
             log.info(why)
         self._seg = segmentation_loss(cfg.train.batch_dice)
-        self.lr_scale = 1.0  # times train.lr_global/lr_local in every phase (the final lr search sets it)
+        self.lr_scale = 1.0  # times train.lr_global/lr_local in every phase; set by lr_scaled()
 
         size = resolved_image_size(cfg)
         backbone = backbone_fingerprint(cfg.backbone, cfg.checkpoint, size)
@@ -640,6 +640,15 @@ class SiteTrainer:
             yield
         finally:
             self.set_global_state(saved)
+
+    @contextmanager
+    def lr_scaled(self, scale: float) -> Iterator[None]:
+        """Multiply ``train.lr_global``/``lr_local`` by ``scale`` in the phases run inside (the final lr search)."""
+        self.lr_scale = float(scale)
+        try:
+            yield
+        finally:
+            self.lr_scale = 1.0
 
     def run_personal_phase(
         self, personal: dict, steps: int | None = None, abort: Callable[[], bool] | None = None,
