@@ -75,7 +75,7 @@ from pfedsam.model import ParamKind, build_pfedsam  # noqa: E402
 from pfedsam.train import SiteTrainer, plan_steps, run_final, run_round  # noqa: E402
 from pfedsam.train.encoder_runtime import bf16_autocast, resolve_runtime  # noqa: E402
 from pfedsam.train.metrics import apply_size_rule, size_rule_empties, size_rule_threshold  # noqa: E402
-from pfedsam.train.rounds import has_one_model  # noqa: E402
+from pfedsam.train.rounds import has_one_model, lr_scale_nearness  # noqa: E402
 from pfedsam.train.site import select_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: its jobs/ and results/ (the code is the installed package)
@@ -188,7 +188,7 @@ def knob_grid(method: str, best_lr: float) -> list[dict]:
 def best_setting(tried: dict[str, tuple[float, dict]]) -> tuple[float, dict]:
     """The (val Dice, setting) with the best validation Dice; a tie goes to the one nearest the defaults."""
     def nearness(setting: dict) -> float:
-        return -abs(np.log(setting["lr"])) - (len(setting) - 1)  # lr scale 1 and no knob change are nearest
+        return lr_scale_nearness(setting["lr"]) - (len(setting) - 1)  # and no knob change is nearest
 
     return max(tried.values(), key=lambda v: (v[0], nearness(v[1])))
 

@@ -13,6 +13,7 @@ from pfedsam.config import ConfigError, load_config
 from pfedsam.data.synth import write_synthetic_sites
 from pfedsam.jobs import VARIANTS, variant_config
 from pfedsam.train import SiteTrainer, Stream, plan_steps, run_final, run_round
+from pfedsam.train.rounds import lr_scale_nearness
 
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,6 +394,12 @@ def test_final_lr_search_breaks_a_tie_toward_scale_one(tmp_path, site, monkeypat
     trainer = _trainer(tmp_path, site, "train.final_lr_scales=[3, 0.3, 1, 10]")
     monkeypatch.setattr(trainer, "evaluate", lambda split="val", which="personalized", per_image=False: {"dice": 0.5})
     assert run_final(trainer).lr_scale == 1
+
+
+@pytest.mark.parametrize("nearer,further", [(1, 0.3), (1, 3), (0.3, 0.1), (3, 10), (3, 0.1), (0.3, 10)])
+def test_lr_scale_nearness_orders_scales_by_their_distance_from_one(nearer, further):
+    assert lr_scale_nearness(nearer) > lr_scale_nearness(further)
+    assert lr_scale_nearness(1) == 0 and lr_scale_nearness(3) == pytest.approx(lr_scale_nearness(1 / 3))
 
 
 @pytest.mark.parametrize("value,extra,message", [

@@ -237,6 +237,12 @@ def _final_phases(trainer: SiteTrainer, plan: StepPlan, personal: dict | None,
     return phases, personal
 
 
+def lr_scale_nearness(scale: float) -> float:
+    """How near a learning-rate scale is to 1 (0 at 1, lower further away on a log scale): the tie-break
+    wherever a validation split chooses between scales, so that a tie keeps the configured rate."""
+    return -abs(float(np.log(scale)))
+
+
 def _final_lr_search(trainer: SiteTrainer, plan: StepPlan, personal: dict | None,
                      abort: Callable[[], bool] | None, out: RoundResult) -> dict | None:
     """The final phases once per ``train.final_lr_scales`` from the same start; the site keeps the one best
@@ -252,7 +258,7 @@ def _final_lr_search(trainer: SiteTrainer, plan: StepPlan, personal: dict | None
         with trainer.global_swapped(kept):
             dice = trainer.evaluate("val", "personalized")["dice"]
         out.val_by_lr_scale[float(scale)] = dice
-        rank = (dice, -abs(np.log(scale)))
+        rank = (dice, lr_scale_nearness(scale))
         if best is None or rank > best[0]:
             best = (rank, scale, phases, kept, trainer.get_global_state(), trainer.get_local_state())
         if abort is not None and abort():
