@@ -188,7 +188,7 @@ def knob_grid(method: str, best_lr: float) -> list[dict]:
 def best_setting(tried: dict[str, tuple[float, dict]]) -> tuple[float, dict]:
     """The (val Dice, setting) with the best validation Dice; a tie goes to the one nearest the defaults."""
     def nearness(setting: dict) -> float:
-        return lr_scale_nearness(setting["lr"]) - (len(setting) - 1)  # and no knob change is nearest
+        return lr_scale_nearness(setting["lr"]) - (len(setting) - 1)  # each changed knob counts as further
 
     return max(tried.values(), key=lambda v: (v[0], nearness(v[1])))
 

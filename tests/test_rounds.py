@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -399,6 +400,18 @@ def test_final_lr_search_breaks_a_tie_toward_scale_one(tmp_path, site, monkeypat
 @pytest.mark.parametrize("nearer,further", [(1, 0.3), (1, 3), (0.3, 0.1), (3, 10), (3, 0.1), (0.3, 10)])
 def test_lr_scale_nearness_orders_scales_by_their_distance_from_one(nearer, further):
     assert lr_scale_nearness(nearer) > lr_scale_nearness(further)
+
+
+def test_lr_scaled_restores_the_scale_it_found():
+    holder = SimpleNamespace(lr_scale=1.0)  # the context manager touches nothing else of a trainer
+    with SiteTrainer.lr_scaled(holder, 3):
+        with SiteTrainer.lr_scaled(holder, 0.5):
+            assert holder.lr_scale == 0.5
+        assert holder.lr_scale == 3.0
+    assert holder.lr_scale == 1.0
+
+
+def test_lr_scale_nearness_is_zero_at_one_and_symmetric_on_a_log_scale():
     assert lr_scale_nearness(1) == 0 and lr_scale_nearness(3) == pytest.approx(lr_scale_nearness(1 / 3))
 
 

@@ -644,11 +644,11 @@ class SiteTrainer:
     @contextmanager
     def lr_scaled(self, scale: float) -> Iterator[None]:
         """Multiply ``train.lr_global``/``lr_local`` by ``scale`` in the phases run inside (the final lr search)."""
-        self.lr_scale = float(scale)
+        previous, self.lr_scale = self.lr_scale, float(scale)
         try:
             yield
         finally:
-            self.lr_scale = 1.0
+            self.lr_scale = previous
 
     def run_personal_phase(
         self, personal: dict, steps: int | None = None, abort: Callable[[], bool] | None = None,
