@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,23 @@ def pending_lr(tuned: dict) -> float | None:
 def tuned_record(results: dict, method: str) -> dict | None:
     """The recorded search whose setting rows of ``method`` use (its own, or its reference method's)."""
     return results.get("tuned", {}).get(SETTING_OF.get(method, method))
+
+
+def adopt_tuned(results: dict, source: Path) -> list[str]:
+    """Take, from another results.json, the search records of methods ``results`` has not searched.
+
+    A budget study (more rounds, say) reruns rows at the settings that the protocol's own search chose,
+    instead of searching again; each record taken says where it came from (``from``). Returns the
+    methods taken.
+    """
+    try:
+        tuned = json.loads(source.read_text())["tuned"]
+        taken = [m for m in tuned if m not in results["tuned"] and tuned[m]["setting"] is not None]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--tuned-from {source}: no search records to take ({type(exc).__name__}: {exc})") from exc
+    for method in taken:
+        results["tuned"][method] = {**tuned[method], "from": str(source)}
+    return taken
 
 
 def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
@@ -464,7 +481,17 @@ def test_scores(trainer: SiteTrainer, personal: dict | None, which: str = "perso
     with trainer.global_swapped(personal if which == "personalized" else None):
         r = trainer.evaluate("test", which, per_image=True)
     images = r.pop("images")
-    return {**r, "images": [i["dice"] for i in images], "ids": [i["id"] for i in images], **size_rule_inputs(images)}
+    return {**r, "images": float32_scores(i["dice"] for i in images), "ids": [i["id"] for i in images],
+            **size_rule_inputs(images)}
+
+
+def float32_scores(values: Iterable[float]) -> list[float]:
+    """Per-image scores as the shortest decimals that read back as the same float32 values.
+
+    The scores are computed in float32; written as doubles they took about twice the room in results.json,
+    which holds about a hundred rows of a thousand images each.
+    """
+    return [float(str(np.float32(v))) for v in values]
 
 
 def size_rule_inputs(images: list[dict], prefix: str = "") -> dict[str, list]:
@@ -480,7 +507,7 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global
     ``global_state``: G(T) where the site's own global parameters no longer hold it (FedAvg + fine-tune)."""
     row = test_scores(trainer, personal, "personalized")
     row["val_dice"] = val["dice"]
-    row["val_images"] = [i["dice"] for i in val["images"]]
+    row["val_images"] = float32_scores(i["dice"] for i in val["images"])
     row.update(size_rule_inputs(val["images"], "val_"))
     if with_global:  # one model only (no personal part): its scores serve as both
         if global_state is not None:
@@ -989,6 +1016,41 @@ def results_json(obj: Any, level: int = 0) -> str:
     return open_ + "\n" + ",\n".join(items) + "\n" + " " * level + close
 
 
+PER_IMAGE_SCORES = ("images", "val_images")
+
+
+def store_test_ids(results: dict, row: dict) -> None:
+    """Move each site's test image ids out of ``row`` into ``results["test_ids"]``, once per site.
+
+    Every row scores the same whole test split in the same order, which is what pairs rows image by
+    image; keeping the order once (instead of in each of a hundred rows) also checks it. Raises
+    ValueError, leaving ``row`` unchanged, when a site's order differs from the stored one.
+    """
+    stored = results.setdefault("test_ids", {})
+    sites = row.get("per_site", {})
+    for site, r in sites.items():
+        if "ids" in r and stored.get(site, r["ids"]) != r["ids"]:
+            raise ValueError(f"site {site!r}: the test split lists other images, or in another order, than the "
+                             "earlier rows of results.json (did its split.json change?); the rows cannot be "
+                             "paired image by image, so use another --out")
+    for site, r in sites.items():
+        if "ids" in r:
+            stored[site] = r.pop("ids")
+
+
+def compact_results(results: dict) -> dict:
+    """Bring results.json written before the compact form to it, in place: test ids once per site
+    (``store_test_ids``), per-image scores at float32 precision (``float32_scores``). Idempotent."""
+    for row in results.get("runs", {}).values():
+        store_test_ids(results, row)
+        for r in row.get("per_site", {}).values():
+            for part in (r, r.get("global") or {}):
+                for key in PER_IMAGE_SCORES:
+                    if key in part:
+                        part[key] = float32_scores(part[key])
+    return results
+
+
 def unseen_table(results: dict) -> list[str]:
     """Leave-one-out: per left-out centre the four scores and each adaptation's lr, then their mean."""
     if not results.get("unseen"):
@@ -1143,7 +1205,10 @@ def overlays(results: dict, args: argparse.Namespace, per_site: int = 2) -> None
 def load_results(args: argparse.Namespace, sites: list[str]) -> dict:
     path = args.out / "results.json"
     if path.is_file():
-        results = json.loads(path.read_text())
+        try:
+            results = compact_results(json.loads(path.read_text()))
+        except ValueError as exc:
+            sys.exit(f"{path}: {exc}")
         if results.get("protocol") != PROTOCOL:
             sys.exit(f"{path} holds runs of benchmark protocol {results.get('protocol', 1)}, not comparable with "
                      f"protocol {PROTOCOL} (whole test splits, original resolution); use another --out or move it")
@@ -1185,6 +1250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="encoder feature cache (default: OUT/feature_cache; keyed by content, shareable)")
+    parser.add_argument("--tuned-from", type=Path, default=None,
+                        help="another results.json whose searches choose the settings of methods not searched "
+                             "here (a budget study without a new search); recorded as each setting's 'from'")
     parser.add_argument("--variant", default="",
                         help="design variant: dotted key=value pairs on top of each method's chosen setting")
     parser.add_argument("--force", action="store_true", help="rerun runs already in results.json")
@@ -1218,6 +1286,13 @@ def main() -> None:
     if bad := [c for c in centres if c not in sites]:
         sys.exit(f"--unseen: {bad} not among the sites {sites}")
     results = load_results(args, sites)
+    if args.tuned_from:
+        try:
+            taken = adopt_tuned(results, args.tuned_from)
+        except ValueError as exc:
+            sys.exit(str(exc))
+        print(f"settings taken from {args.tuned_from}: {', '.join(taken) or 'none (every method has its own)'}",
+              flush=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     try:
         variant = parse_overrides(args.variant) if args.variant else None
@@ -1262,6 +1337,10 @@ def main() -> None:
 
             traceback.print_exc()
             row = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            store_test_ids(results, row)
+        except ValueError as exc:  # kept, with its data, as an error row: it cannot be paired with the others
+            row["error"] = str(exc)
         row.setdefault("wall_s", time.perf_counter() - start)
         row["search"], row["settings"] = search, now
         row["machine"] = machine_of(now, args.device)

@@ -669,6 +669,74 @@ def test_results_json_reads_back_as_json_dumps_wrote_it(obj):
     assert json.dumps(json.loads(text), sort_keys=True) == json.dumps(expected, sort_keys=True)
 
 
+@pytest.mark.parametrize("value,written", [
+    (0.9628310203552246, 0.962831), (0.000428265513619408, 0.0004282655), (0.0, 0.0), (1.0, 1.0),
+    (0.1, 0.1), (1 / 3, 0.33333334),
+])
+def test_per_image_scores_are_kept_at_float32_precision(value, written):
+    """The shortest decimal that reads back as the same float32: no float32 value changes."""
+    (got,) = bench.float32_scores([value])
+    assert got == written and np.float32(got) == np.float32(value)
+    assert bench.float32_scores([got]) == [got]  # a second pass changes nothing
+
+
+def _with_ids(row: dict, ids: dict[str, list[str]]) -> dict:
+    for site, r in row["per_site"].items():
+        r["ids"] = list(ids[site])
+    return row
+
+
+def test_test_ids_are_kept_once_per_site_and_a_different_order_is_refused():
+    ids = {"a": ["a1", "a2"], "b": ["b1", "b2"]}
+    results = _results({})
+    first = _with_ids(_run([0.5, 0.6], [0.7, 0.8]), ids)
+    bench.store_test_ids(results, first)
+    assert results["test_ids"] == ids and all("ids" not in r for r in first["per_site"].values())
+    second = _with_ids(_run([0.1, 0.2], [0.3, 0.4]), ids)
+    bench.store_test_ids(results, second)
+    assert results["test_ids"] == ids and all("ids" not in r for r in second["per_site"].values())
+    swapped = _with_ids(_run([0.1, 0.2], [0.3, 0.4]), {"a": ["a1", "a2"], "b": ["b2", "b1"]})
+    with pytest.raises(ValueError, match="site 'b': the test split lists other images"):
+        bench.store_test_ids(results, swapped)
+    assert swapped["per_site"]["a"]["ids"] == ["a1", "a2"]  # refused as a whole: the row keeps its ids
+    assert results["test_ids"] == ids
+
+
+def test_compacting_results_changes_no_score_and_is_idempotent():
+    ids = {"a": ["a1", "a2"], "b": ["b1", "b2"]}
+    values = [float(np.float32(v)) for v in (0.9628310203552246, 0.25, 0.7, 0.123456789)]
+    runs = {"pfedsam|none|seed0|lr=1": _with_ids(_run(values[:2], values[2:]), ids),
+            "fedavg|none|seed0|lr=1": _with_ids(_run(values[2:], values[:2]), ids)}
+    results = bench.compact_results(json.loads(json.dumps(_results(runs))))
+    assert results["test_ids"] == ids
+    for key, row in runs.items():
+        for site, r in row["per_site"].items():
+            got = results["runs"][key]["per_site"][site]
+            assert "ids" not in got
+            assert np.array_equal(np.float32(got["images"]), np.float32(r["images"]))
+            assert np.array_equal(np.float32(got["global"]["images"]), np.float32(r["global"]["images"]))
+    text = bench.results_json(results)
+    assert bench.results_json(bench.compact_results(json.loads(text))) == text
+    assert len(text) < len(bench.results_json(_results(runs)))
+
+
+def test_a_budget_study_takes_the_settings_other_results_chose(tmp_path):
+    chosen = {"pfedsam": {"tag": "lr=3,kd_weight=0.3", "setting": {"lr": 3.0, "kd_weight": 0.3}, "val_dice": 0.65},
+              "fedavg": {"tag": "lr=3", "setting": {"lr": 3.0}, "val_dice": 0.62}}
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(_results({}, chosen)))
+    own = {"fedavg": {"tag": "lr=1", "setting": {"lr": 1.0}, "val_dice": 0.5}}
+    results = _results({}, dict(own))
+    assert bench.adopt_tuned(results, source) == ["pfedsam"]
+    assert results["tuned"]["fedavg"] == own["fedavg"]  # its own search stays
+    assert results["tuned"]["pfedsam"] == {**chosen["pfedsam"], "from": str(source)}
+    assert bench.chosen_setting(results, "pfedsam") == ({"lr": 3.0, "kd_weight": 0.3}, True)
+    (tmp_path / "broken.json").write_text("{")
+    for bad in (tmp_path / "broken.json", tmp_path / "missing.json"):
+        with pytest.raises(ValueError, match=f"--tuned-from {bad}: no search records"):
+            bench.adopt_tuned(results, bad)
+
+
 def _unseen(fresh: list[float], tuned: list[float], lrs: dict[str, float]) -> dict:
     def scored(images: list[float]) -> dict:
         return {"dice": float(np.mean(images)), "images": images}
