@@ -731,6 +731,10 @@ def test_a_budget_study_takes_the_settings_other_results_chose(tmp_path):
     assert results["tuned"]["fedavg"] == own["fedavg"]  # its own search stays
     assert results["tuned"]["pfedsam"] == {**chosen["pfedsam"], "from": str(source)}
     assert bench.chosen_setting(results, "pfedsam") == ({"lr": 3.0, "kd_weight": 0.3}, True)
+    assert bench.taken_settings_text(results) == [  # the report says which settings were not searched here
+        f"Settings chosen by the search recorded in `{source}` (not searched at this budget): "
+        "pfedsam lr=3,kd_weight=0.3.\n"]
+    assert bench.taken_settings_text(_results({}, chosen)) == []
     (tmp_path / "broken.json").write_text("{")
     for bad in (tmp_path / "broken.json", tmp_path / "missing.json"):
         with pytest.raises(ValueError, match=f"--tuned-from {bad}: no search records"):
