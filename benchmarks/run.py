@@ -259,12 +259,12 @@ def adopt_tuned(results: dict, source: Path) -> list[str]:
     """
     try:
         tuned = json.loads(source.read_text())["tuned"]
-        taken = [m for m in tuned if m not in results["tuned"] and tuned[m]["setting"] is not None]
+        taken = {m: {**record, "setting": dict(record["setting"]), "from": str(source)}
+                 for m, record in tuned.items() if m not in results["tuned"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"--tuned-from {source}: no search records to take ({type(exc).__name__}: {exc})") from exc
-    for method in taken:
-        results["tuned"][method] = {**tuned[method], "from": str(source)}
-    return taken
+    results["tuned"].update(taken)
+    return list(taken)
 
 
 def chosen_setting(results: dict, method: str) -> tuple[dict, bool]:
@@ -1040,14 +1040,19 @@ def store_test_ids(results: dict, row: dict) -> None:
 
 def compact_results(results: dict) -> dict:
     """Bring results.json written before the compact form to it, in place: test ids once per site
-    (``store_test_ids``), per-image scores at float32 precision (``float32_scores``). Idempotent."""
+    (``store_test_ids``), per-image scores at float32 precision (``float32_scores``), in the runs and in
+    the leave-one-out entries alike. Idempotent."""
+    scored: list[dict] = []  # every dict that may hold per-image scores
     for row in results.get("runs", {}).values():
         store_test_ids(results, row)
         for r in row.get("per_site", {}).values():
-            for part in (r, r.get("global") or {}):
-                for key in PER_IMAGE_SCORES:
-                    if key in part:
-                        part[key] = float32_scores(part[key])
+            scored += [r, r.get("global") or {}]
+    for entry in results.get("unseen", {}).values():
+        scored += [part for part in entry.values() if isinstance(part, dict)]
+    for part in scored:
+        for key in PER_IMAGE_SCORES:
+            if key in part:
+                part[key] = float32_scores(part[key])
     return results
 
 

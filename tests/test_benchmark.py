@@ -707,8 +707,11 @@ def test_compacting_results_changes_no_score_and_is_idempotent():
     values = [float(np.float32(v)) for v in (0.9628310203552246, 0.25, 0.7, 0.123456789)]
     runs = {"pfedsam|none|seed0|lr=1": _with_ids(_run(values[:2], values[2:]), ids),
             "fedavg|none|seed0|lr=1": _with_ids(_run(values[2:], values[:2]), ids)}
-    results = bench.compact_results(json.loads(json.dumps(_results(runs))))
+    stored = _results(runs)
+    stored["unseen"] = {"a": {"adapt_steps": 3, "fedavg_global": {"dice": 0.5, "images": [1 / 3, 0.1]}}}
+    results = bench.compact_results(json.loads(json.dumps(stored)))
     assert results["test_ids"] == ids
+    assert results["unseen"]["a"]["fedavg_global"]["images"] == [0.33333334, 0.1]  # leave-one-out entries too
     for key, row in runs.items():
         for site, r in row["per_site"].items():
             got = results["runs"][key]["per_site"][site]
@@ -717,7 +720,7 @@ def test_compacting_results_changes_no_score_and_is_idempotent():
             assert np.array_equal(np.float32(got["global"]["images"]), np.float32(r["global"]["images"]))
     text = bench.results_json(results)
     assert bench.results_json(bench.compact_results(json.loads(text))) == text
-    assert len(text) < len(bench.results_json(_results(runs)))
+    assert len(text) < len(bench.results_json(stored))
 
 
 def test_a_budget_study_takes_the_settings_other_results_chose(tmp_path):
