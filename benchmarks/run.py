@@ -999,6 +999,49 @@ def budget_table(results: dict) -> list[str]:
     return lines
 
 
+def last_third_gain(curve: list[float], span: int = 1) -> float | None:
+    """Validation Dice gained over the last third of the rounds (issue 11's flatness criterion).
+
+    Arguments:
+      curve: mean validation Dice after each round.
+      span: rounds averaged at each end; with 3, one noisy round cannot decide the criterion alone.
+
+    Returns the last round(s) minus the round(s) a third of the rounds before, or None when the curve is
+    too short for ``span`` rounds at each end of a disjoint last third.
+    """
+    n = len(curve)
+    if n // 3 < span:
+        return None
+    start = n - 1 - n // 3
+    return float(np.mean(curve[n - span:]) - np.mean(curve[start - span + 1:start + 1]))
+
+
+def mean_curve(runs: list[dict]) -> np.ndarray | None:
+    """The validation curve averaged over the seeds' runs (None when a run has none or lengths differ)."""
+    curves = [r.get("val_curve") or [] for r in runs]
+    if not curves or not curves[0] or any(len(c) != len(curves[0]) for c in curves):
+        return None
+    return np.mean(np.asarray(curves, dtype=float), axis=0)
+
+
+def convergence_table(results: dict) -> list[str]:
+    """Whether each main row's seed-averaged validation curve has flattened: under one point gained over the
+    last third of the rounds, at the last round and in three-round means (round-to-round noise is 2-4 points)."""
+    lines = ["| method | seeds | rounds | val Dice at the last third's start | at the last round | gain (points) "
+             "| gain, three-round means (points) | flattened (both under 1 point) |", "|---" * 8 + "|"]
+    for method in ORDER:
+        runs = main_runs(results, method)
+        curve = mean_curve(runs) if runs else None
+        if curve is None:
+            continue
+        n, gain, gain3 = len(curve), last_third_gain(list(curve)), last_third_gain(list(curve), span=3)
+        flat = "-" if gain is None or gain3 is None else "yes" if max(gain, gain3) < 0.01 else "no"
+        lines.append(f"| {method} | {len(runs)} | {n} | {_fmt(curve[n - 1 - n // 3], '.3f')} (round {n - 1 - n // 3}) "
+                     f"| {curve[-1]:.3f} | {_fmt(None if gain is None else 100 * gain, '+.1f')} "
+                     f"| {_fmt(None if gain3 is None else 100 * gain3, '+.1f')} | {flat} |")
+    return lines if len(lines) > 2 else []
+
+
 def results_json(obj: Any, level: int = 0) -> str:
     """``json.dumps(obj, indent=1)`` with each list of plain values on one line.
 
@@ -1121,6 +1164,8 @@ def markdown(results: dict) -> str:
     if changes := one_change_table(results):
         out += ["", "## Each design change alone (same CPU, same precision, seeds pooled; validation decides)",
                 "", *changes]
+    if flat := convergence_table(results):
+        out += ["", "## Has training flattened? (seed-averaged validation curves, issue 11's criterion)", "", *flat]
     if unseen := unseen_table(results):
         out += ["", "## Unseen centres (test Dice of the left-out centre)", "", *unseen]
     if rule := size_rule_table(results):
@@ -1161,10 +1206,10 @@ def plots(results: dict, out: Path) -> None:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, runs in rows:
-        if runs[0].get("val_curve"):
-            ax.plot(range(len(runs[0]["val_curve"])), runs[0]["val_curve"], marker="o", label=method)
+        if (curve := mean_curve(runs)) is not None:
+            ax.plot(range(len(curve)), curve, marker="o", label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.set_xlabel("round")
-    ax.set_ylabel("mean val Dice (personalized, seed 0)")
+    ax.set_ylabel("mean val Dice (personalized, averaged over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "dice_over_rounds.png", dpi=100)

@@ -768,3 +768,33 @@ def test_unseen_table_names_each_chosen_lr_and_a_search_left_open(lrs, label):
     # the mean weighs each finished centre the same: (0.1 + 0.0) / 2
     assert lines[5].startswith("| **mean of 2** | 0.500 | 0.650 | 0.400 | 0.600 |")
     assert lines[5].endswith("| **+0.050 [+0.050, +0.050]** |")  # per-centre differences are constant
+
+
+# -- has training flattened? (issue 11's criterion) ---------------------------------------------------------
+@pytest.mark.parametrize("curve, span, gain", [
+    ([0.1 * i for i in range(12)], 1, 0.4),               # last third of 12 rounds: round 7 to 11
+    ([0.1 * i for i in range(12)], 3, 0.4),               # means of rounds 9-11 and 5-7
+    ([0.5] * 15 + [0.6] + [0.5] * 8, 1, -0.1),            # 24 rounds: round 15 to 23, a high round 15 decides it
+    ([0.5] * 15 + [0.6] + [0.5] * 8, 3, -0.1 / 3),        # three-round means damp that one round
+    ([0.2, 0.3, 0.4], 1, 0.1),
+    ([0.2, 0.3, 0.4], 3, None),                           # too short for three rounds at each end
+])
+def test_last_third_gain(curve, span, gain):
+    got = bench.last_third_gain(curve, span)
+    assert got == gain if gain is None else got == pytest.approx(gain)
+
+
+def test_convergence_is_read_on_the_seed_averaged_curve_of_each_main_row():
+    rising = [0.1 * i for i in range(9)]
+    up, down = [0.5] * 6 + [0.6] * 3, [0.5] * 6 + [0.4] * 3  # each seed moves; their mean is flat
+    high_start = [0.5] * 5 + [0.6, 0.55, 0.56, 0.58]  # flat only because round 5 was a high point
+    runs = {"fedavg|none|seed0|lr=1": _run([0.3], [0.3], val_curve=rising),
+            "fedprox|none|seed0|lr=1": _run([0.3], [0.3], val_curve=high_start),
+            "pfedsam|none|seed0|lr=1": _run([0.3], [0.3], val_curve=up),
+            "pfedsam|none|seed1|lr=1": _run([0.3], [0.3], val_curve=down),
+            "centralized|none|seed0|lr=1": _run([0.3], [0.3])}  # no rounds: no curve, no line
+    lines = bench.convergence_table(_results(runs))[2:]
+    assert lines == ["| fedavg | 1 | 9 | 0.500 (round 5) | 0.800 | +30.0 | +30.0 | no |",
+                     "| fedprox | 1 | 9 | 0.600 (round 5) | 0.580 | -2.0 | +3.0 | no |",
+                     "| pfedsam | 2 | 9 | 0.500 (round 5) | 0.500 | +0.0 | +0.0 | yes |"]
+    assert bench.mean_curve([runs["fedavg|none|seed0|lr=1"], {"val_curve": [0.1]}]) is None  # unequal lengths
