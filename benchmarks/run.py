@@ -1197,7 +1197,9 @@ def plots(results: dict, out: Path) -> None:
     for k, (method, runs) in enumerate(rows):
         means = [np.mean([r["per_site"][s]["dice"] for r in runs]) for s in sites]
         stds = [np.std([r["per_site"][s]["dice"] for r in runs]) for s in sites]
-        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=stds, label=method)
+        # the default cycle has 10 colours; hatch the rows past it so no two share a legend entry
+        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=stds, label=method, color=f"C{k % 10}",
+               hatch="//" if k >= 10 else None)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
     ax.set_ylabel("test Dice (personalized, original resolution)")
     ax.legend(fontsize=7, ncol=4)
@@ -1205,9 +1207,10 @@ def plots(results: dict, out: Path) -> None:
     fig.savefig(out / "dice_per_site.png", dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for method, runs in rows:
+    for k, (method, runs) in enumerate(rows):
         if (curve := mean_curve(runs)) is not None:
-            ax.plot(range(len(curve)), curve, marker="o", label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+            ax.plot(range(len(curve)), curve, marker="o", color=f"C{k % 10}", linestyle="--" if k >= 10 else "-",
+                    label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.set_xlabel("round")
     ax.set_ylabel("mean val Dice (personalized, averaged over seeds)")
     ax.legend(fontsize=7)
