@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -999,7 +999,12 @@ def budget_table(results: dict) -> list[str]:
     return lines
 
 
-def last_third_gain(curve: list[float], span: int = 1) -> float | None:
+def last_third_start(rounds: int) -> int:
+    """The round that starts the last third of ``rounds`` (issue 11's flatness criterion measures from it)."""
+    return rounds - 1 - rounds // 3
+
+
+def last_third_gain(curve: Sequence[float] | np.ndarray, span: int = 1) -> float | None:
     """Validation Dice gained over the last third of the rounds (issue 11's flatness criterion).
 
     Arguments:
@@ -1012,7 +1017,7 @@ def last_third_gain(curve: list[float], span: int = 1) -> float | None:
     n = len(curve)
     if n // 3 < span:
         return None
-    start = n - 1 - n // 3
+    start = last_third_start(n)
     return float(np.mean(curve[n - span:]) - np.mean(curve[start - span + 1:start + 1]))
 
 
@@ -1031,12 +1036,12 @@ def convergence_table(results: dict) -> list[str]:
              "| gain, three-round means (points) | flattened (both under 1 point) |", "|---" * 8 + "|"]
     for method in ORDER:
         runs = main_runs(results, method)
-        curve = mean_curve(runs) if runs else None
-        if curve is None:
+        if (curve := mean_curve(runs)) is None:
             continue
-        n, gain, gain3 = len(curve), last_third_gain(list(curve)), last_third_gain(list(curve), span=3)
+        n, gain, gain3 = len(curve), last_third_gain(curve), last_third_gain(curve, span=3)
         flat = "-" if gain is None or gain3 is None else "yes" if max(gain, gain3) < 0.01 else "no"
-        lines.append(f"| {method} | {len(runs)} | {n} | {_fmt(curve[n - 1 - n // 3], '.3f')} (round {n - 1 - n // 3}) "
+        start = last_third_start(n)
+        lines.append(f"| {method} | {len(runs)} | {n} | {curve[start]:.3f} (round {start}) "
                      f"| {curve[-1]:.3f} | {_fmt(None if gain is None else 100 * gain, '+.1f')} "
                      f"| {_fmt(None if gain3 is None else 100 * gain3, '+.1f')} | {flat} |")
     return lines if len(lines) > 2 else []
@@ -1181,6 +1186,12 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def row_colour(k: int) -> tuple[str, bool]:
+    """The k-th plotted row's colour, and whether the 10-colour cycle has wrapped (such rows get a hatch or a
+    dashed line, so no two rows look the same in a legend)."""
+    return f"C{k % 10}", k >= 10
+
+
 def plots(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -1197,9 +1208,9 @@ def plots(results: dict, out: Path) -> None:
     for k, (method, runs) in enumerate(rows):
         means = [np.mean([r["per_site"][s]["dice"] for r in runs]) for s in sites]
         stds = [np.std([r["per_site"][s]["dice"] for r in runs]) for s in sites]
-        # the default cycle has 10 colours; hatch the rows past it so no two share a legend entry
-        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=stds, label=method, color=f"C{k % 10}",
-               hatch="//" if k >= 10 else None)
+        colour, past_cycle = row_colour(k)
+        ax.bar(np.arange(len(sites)) + k * width, means, width, yerr=stds, label=method, color=colour,
+               hatch="//" if past_cycle else None)
     ax.set_xticks(np.arange(len(sites)) + 0.4 - width / 2, sites)
     ax.set_ylabel("test Dice (personalized, original resolution)")
     ax.legend(fontsize=7, ncol=4)
@@ -1209,7 +1220,8 @@ def plots(results: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, (method, runs) in enumerate(rows):
         if (curve := mean_curve(runs)) is not None:
-            ax.plot(range(len(curve)), curve, marker="o", color=f"C{k % 10}", linestyle="--" if k >= 10 else "-",
+            colour, past_cycle = row_colour(k)
+            ax.plot(range(len(curve)), curve, marker="o", color=colour, linestyle="--" if past_cycle else "-",
                     label=f"{method} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.set_xlabel("round")
     ax.set_ylabel("mean val Dice (personalized, averaged over seeds)")
