@@ -18,6 +18,11 @@ polyp (``metrics.size_rule_threshold``, chosen per run and centre on validation)
 (``benchmarks/polyp.sh`` makes all of these calls.) Every run is stored in
 ``--out/results.json`` under ``method|prompt|seed|setting`` as soon as it finishes, and is
 not run again (``--force`` reruns), so a long benchmark resumes run by run across sessions.
+A federated run also saves its state after every round (``work/<row>/rounds.pt``, dropped once
+the row is recorded): killed mid-run, the same command goes on after the last finished round
+and gives the uninterrupted run's numbers; the row lists the rounds it resumed at and its wall
+time adds up its parts. A checkpoint of other code, settings, packages or another CPU or
+precision is refused, not mixed into the row.
 
 Fair tuning (``--search``): each main method is run at seed 0 with the learning rates of what
 it trains scaled by 0.3, 1 and 3 (while the best scale is the largest or smallest tried, one
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -445,6 +451,26 @@ def code_version(root: Path = Path(__file__).parent) -> str:
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
+def code_tree(root: Path = Path(__file__).parent) -> str:
+    """What a round checkpoint may be resumed with: the git trees of the code, the job and the benchmark,
+    plus a digest of their uncommitted changes. Unlike ``code_version`` a results or docs commit leaves it
+    as it was, so a row resumes across the commits of other rows; ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    paths = [f":(top){d}" for d in ("custom", "jobs", "benchmarks")]
+    try:
+        trees = git("rev-parse", *(f"HEAD:{d}" for d in ("custom", "jobs", "benchmarks")))
+        diff = git("diff", "HEAD", "--", *paths)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not trees:
+        return "unknown"
+    return " ".join(t[:12] for t in trees.split()) + (f" +{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+                                                      if diff else "")
+
+
 # Packages whose versions can change a row's numbers (kernels, the ONNX cache fill, augmentation, resizing).
 # requirements.txt leaves most of them open, and a row from another machine and install left the earlier rows'
 # trajectory from round 1 on (docs/results.md): every row records what it ran with, requirements-lock.txt pins it.
@@ -521,6 +547,14 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global
 
 
 # -- rows -----------------------------------------------------------------------------------------------
+ROUND_CHECKPOINT = "rounds.pt"  # a federated row's state after its last finished round, in its work folder
+
+
+def work_dir(args: argparse.Namespace, method: str, prompt: str, seed: int, tag: str) -> Path:
+    """The folder of one federated row's sites and its round checkpoint (gitignored, never committed)."""
+    return args.out / "work" / f"{method}-{prompt}-s{seed}-{tag}"
+
+
 def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
                setting: dict, variant: dict | None = None) -> dict:
     """One federated run of job variant ``method`` at all ``sites``, scored on val (selection) and test.
@@ -529,9 +563,13 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     """
     cfg = variant_of(method, args, seed, prompt, setting, variant or {})
     tag = row_tag(setting, variant)
-    work = args.out / "work" / f"{method}-{prompt}-s{seed}-{tag}"
+    work = work_dir(args, method, prompt, seed, tag)
+    settings_now = flat_settings(cfg)
+    fingerprint = {"row": f"{method}|{prompt}|seed{seed}|{tag}", "sites": list(sites), "settings": settings_now,
+                   "code": code_tree(), "machine": machine_of(settings_now, args.device)}
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
-                   final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True))
+                   final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True),
+                   checkpoint=work / ROUND_CHECKPOINT, fingerprint=fingerprint)
     has_global = method not in ("fedrep",)  # FedRep's body alone has no head: no global model to score
     # FedAvg + fine-tune fine-tunes each site's global parameters in place: its G(T) is the server's last state
     g_state = fed.global_state if cfg.federation.final_finetune else None
@@ -558,6 +596,7 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
         "train_images_per_s": images / busy if busy else None, "wall_s": fed.seconds,
         "bytes_per_round_per_site": 0.0 if method.startswith("local") else 4.0 * n_global,
         "rejected": [list(r) for r in fed.rejected],
+        **({"resumed_at_rounds": fed.resumed_at} if fed.resumed_at else {}),
     }
 
 
@@ -1402,6 +1441,9 @@ def main() -> None:
             old["search"] = old.get("search") or search
             return old
         print(f"{key}: running", flush=True)
+        rounds_file = work_dir(args, method, prompt, seed, row_tag(setting, variant)) / ROUND_CHECKPOINT
+        if args.force:  # a forced rerun starts over, not from the rounds of the row it replaces
+            rounds_file.unlink(missing_ok=True)
         start, code = time.perf_counter(), code_version()  # what the row runs, before anything is edited
         try:
             runner = {"zero-shot": run_zero_shot, "centralized": run_centralized}.get(method)
@@ -1422,6 +1464,8 @@ def main() -> None:
         row["code"] = code
         results["runs"][key] = row
         save()
+        if "error" not in row:  # recorded: its rounds are no longer needed (an error row resumes when rerun)
+            rounds_file.unlink(missing_ok=True)
         print(f"{key}: {'ERROR ' + row['error'] if 'error' in row else 'done'} in {row['wall_s']:.0f} s", flush=True)
         return row
 

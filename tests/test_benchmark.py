@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -798,3 +799,117 @@ def test_convergence_is_read_on_the_seed_averaged_curve_of_each_main_row():
                      "| fedprox | 1 | 9 | 0.600 (round 5) | 0.580 | -2.0 | +3.0 | no |",
                      "| pfedsam | 2 | 9 | 0.500 (round 5) | 0.500 | +0.0 | +0.0 | yes |"]
     assert bench.mean_curve([runs["fedavg|none|seed0|lr=1"], {"val_curve": [0.1]}]) is None  # unequal lengths
+
+
+class Killed(BaseException):
+    """The end of a process mid-row (not an Exception: nothing in the benchmark may catch it)."""
+
+
+def _killed_after_round(monkeypatch, after: int) -> None:
+    """Make the next federated run die once round ``after`` is finished (and logged)."""
+    federate = bench.federate
+
+    def dying(*a, **k):
+        log = k["log"]
+
+        def log_then_die(message: str) -> None:
+            log(message)
+            if message.startswith(f"round {after}:"):
+                raise Killed(message)
+
+        return federate(*a, **{**k, "log": log_then_die})
+
+    monkeypatch.setattr(bench, "federate", dying)
+
+
+def _tiny_args(tmp_path: Path, out: str, rounds: int = 2) -> argparse.Namespace:
+    from pfedsam.data.synth import write_synthetic_sites
+
+    if not (tmp_path / "data").exists():
+        write_synthetic_sites(tmp_path / "data", sites=2, per_site=8, image_size=64, seed=0)
+    return bench.parse_args(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / out), "--backbone",
+                             "tiny", "--rounds", str(rounds), "--local-steps", "1", "--global-steps", "2",
+                             "--final-steps", "1", "--max-train", "4", "--batch-size", "2"])
+
+
+SCORED = ("per_site", "val_dice", "val_curve", "val_curve_global", "rejected", "steps_per_site")
+
+
+@pytest.mark.parametrize("method, killed_after", [
+    ("pfedsam", 0),  # L-MoE experts: the local part a site carries between rounds
+    ("ditto", 0),    # the personal copy
+    ("local", 0),    # mode 'local': each site's own global part, no server average
+    ("fedavg", 1),   # every round done: only the final personalization is left
+])
+def test_a_row_killed_mid_run_resumes_to_the_uninterrupted_rows_numbers(tmp_path, monkeypatch, method, killed_after):
+    sites, setting = ["site-1", "site-2"], {"lr": 3.0}
+    whole = bench.run_method(method, _tiny_args(tmp_path, "whole"), sites, 0, "none", setting)
+    args = _tiny_args(tmp_path, "parts")
+    with monkeypatch.context() as m:
+        _killed_after_round(m, killed_after)
+        with pytest.raises(Killed):
+            bench.run_method(method, args, sites, 0, "none", setting)
+    resumed = bench.run_method(method, args, sites, 0, "none", setting)
+    assert resumed["resumed_at_rounds"] == [killed_after + 1] and "resumed_at_rounds" not in whole
+    for key in SCORED:  # as JSON: every float to the bit, NaN (no empty test image) equal to NaN
+        assert json.dumps(resumed[key], sort_keys=True) == json.dumps(whole[key], sort_keys=True), key
+
+
+def test_a_round_checkpoint_of_other_code_or_another_machine_is_refused(tmp_path, monkeypatch):
+    sites, setting = ["site-1", "site-2"], {"lr": 3.0}
+    args = _tiny_args(tmp_path, "out")
+    with monkeypatch.context() as m:
+        _killed_after_round(m, 0)
+        with pytest.raises(Killed):
+            bench.run_method("fedavg", args, sites, 0, "none", setting)
+    monkeypatch.setattr(bench, "code_tree", lambda: "edited")
+    with pytest.raises(ValueError, match=r"rounds\.pt holds rounds of another run \(code: was '.*', now 'edited'\)"
+                                         r".*delete it"):
+        bench.run_method("fedavg", args, sites, 0, "none", setting)
+    monkeypatch.undo()
+    machine = bench.machine_of
+    monkeypatch.setattr(bench, "machine_of", lambda *a: {**machine(*a), "precision": "float16"})
+    with pytest.raises(ValueError, match=r"machine\.precision: was '(bf16|float32)', now 'float16'"):
+        bench.run_method("fedavg", args, sites, 0, "none", setting)
+
+
+def test_a_recorded_row_drops_its_round_checkpoint_and_says_where_it_resumed(tmp_path, monkeypatch):
+    args = _tiny_args(tmp_path, "out")
+    argv = ["run.py", "--data-root", str(args.data_root), "--out", str(args.out), "--backbone", "tiny", "--rounds",
+            "2", "--local-steps", "1", "--global-steps", "2", "--final-steps", "1", "--max-train", "4",
+            "--batch-size", "2", "--methods", "fedavg", "--no-overlays"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(bench, "plots", lambda *a: None)
+    with monkeypatch.context() as m:
+        _killed_after_round(m, 0)
+        with pytest.raises(Killed):
+            bench.main()
+    checkpoints = list((args.out / "work").glob(f"*/{bench.ROUND_CHECKPOINT}"))
+    assert len(checkpoints) == 1 and not (args.out / "results.json").exists()
+    bench.main()
+    row = json.loads((args.out / "results.json").read_text())["runs"]["fedavg|none|seed0|lr=1"]
+    assert row["resumed_at_rounds"] == [1] and "error" not in row
+    assert not checkpoints[0].exists()
+
+
+def test_code_tree_ignores_results_commits_and_names_uncommitted_code(tmp_path):
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for name in ("custom/pfedsam/model.py", "jobs/pfedsam/meta.json", "benchmarks/run.py", "docs/results.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    clean = bench.code_tree(tmp_path / "benchmarks")
+    assert len(clean.split()) == 3
+    (tmp_path / "docs" / "results.md").write_text("a new row\n")
+    git("commit", "-qam", "results")
+    assert bench.code_tree(tmp_path / "benchmarks") == clean
+    (tmp_path / "custom" / "pfedsam" / "model.py").write_text("x = 2\n")
+    edited = bench.code_tree(tmp_path / "benchmarks")
+    assert edited.startswith(clean + " +") and edited != clean
