@@ -62,28 +62,24 @@ class Federation:
     resumed_at: list[int] = field(default_factory=list)
 
 
+def _leaves_mapped(obj: object, leaf: Callable[[object], object]) -> object:
+    """``obj`` with ``leaf`` applied to everything that is not a dict, list or tuple."""
+    if isinstance(obj, dict):
+        return {k: _leaves_mapped(v, leaf) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_leaves_mapped(v, leaf) for v in obj)
+    return leaf(obj)
+
+
 def _saveable(obj: object) -> object:
     """Arrays as tensors and numpy scalars as Python numbers: what ``torch.load(weights_only=True)`` reads."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _saveable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_saveable(v) for v in obj)
-    return obj
+    return _leaves_mapped(obj, lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray)
+                          else v.item() if isinstance(v, np.generic) else v)
 
 
 def _restored(obj: object) -> object:
     """The inverse of ``_saveable``: tensors back to the numpy arrays the engine keeps."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _restored(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_restored(v) for v in obj)
-    return obj
+    return _leaves_mapped(obj, lambda v: v.numpy() if isinstance(v, torch.Tensor) else v)
 
 
 def load_rounds(path: Path, fingerprint: dict) -> dict | None:
