@@ -434,35 +434,34 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
     return renamed
 
 
+CODE_DIRS = ("custom", "jobs", "benchmarks")  # what a row's numbers depend on; docs and results do not count
+
+
+def _git(root: Path, *args: str) -> str:
+    """``git args`` in ``root``: its stripped output, or "" when git fails there."""
+    out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def code_version(root: Path = Path(__file__).parent) -> str:
     """The commit a row ran (``-dirty`` when the code, the job or the benchmark differed from it), or
     ``unknown`` outside git: a change of arithmetic (say, a faster decoder path) can then be told
     apart from a change of seed. Edits to docs or results do not count."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
     try:
-        commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--",
-                    *(f":(top){d}" for d in ("custom", "jobs", "benchmarks")))
+        commit = _git(root, "rev-parse", "--short=12", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *(f":(top){d}" for d in CODE_DIRS))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def code_tree(root: Path = Path(__file__).parent) -> str:
-    """What a round checkpoint may be resumed with: the git trees of the code, the job and the benchmark,
-    plus a digest of their uncommitted changes. Unlike ``code_version`` a results or docs commit leaves it
-    as it was, so a row resumes across the commits of other rows; ``unknown`` outside git."""
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() if out.returncode == 0 else ""
-
-    paths = [f":(top){d}" for d in ("custom", "jobs", "benchmarks")]
+    """What a round checkpoint may be resumed with: the git trees of ``CODE_DIRS`` plus a digest of their
+    uncommitted changes. Unlike ``code_version`` a results or docs commit leaves it as it was, so a row
+    resumes across the commits of other rows; ``unknown`` outside git."""
     try:
-        trees = git("rev-parse", *(f"HEAD:{d}" for d in ("custom", "jobs", "benchmarks")))
-        diff = git("diff", "HEAD", "--", *paths)
+        trees = _git(root, "rev-parse", *(f"HEAD:{d}" for d in CODE_DIRS))
+        diff = _git(root, "diff", "HEAD", "--", *(f":(top){d}" for d in CODE_DIRS))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not trees:
@@ -550,6 +549,11 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global
 ROUND_CHECKPOINT = "rounds.pt"  # a federated row's state after its last finished round, in its work folder
 
 
+def row_key(method: str, prompt: str, seed: int, tag: str) -> str:
+    """A row's key in results.json (and in its round checkpoint's fingerprint)."""
+    return f"{method}|{prompt}|seed{seed}|{tag}"
+
+
 def work_dir(args: argparse.Namespace, method: str, prompt: str, seed: int, tag: str) -> Path:
     """The folder of one federated row's sites and its round checkpoint (gitignored, never committed)."""
     return args.out / "work" / f"{method}-{prompt}-s{seed}-{tag}"
@@ -565,7 +569,7 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     tag = row_tag(setting, variant)
     work = work_dir(args, method, prompt, seed, tag)
     settings_now = flat_settings(cfg)
-    fingerprint = {"row": f"{method}|{prompt}|seed{seed}|{tag}", "sites": list(sites), "settings": settings_now,
+    fingerprint = {"row": row_key(method, prompt, seed, tag), "sites": list(sites), "settings": settings_now,
                    "code": code_tree(), "machine": machine_of(settings_now, args.device)}
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True),
@@ -1429,7 +1433,8 @@ def main() -> None:
 
     def run(method: str, seed: int, setting: dict, search: bool = False, variant: dict | None = None) -> dict:
         prompt = "box" if method == "zero-shot" else args.prompt
-        key = f"{method}|{prompt}|seed{seed}|{row_tag(setting, variant)}"
+        tag = row_tag(setting, variant)
+        key = row_key(method, prompt, seed, tag)
         old = results["runs"].get(key)
         now = settings_of(method, args, seed, prompt, setting, variant)
         if old is not None and "error" not in old and not args.force:
@@ -1441,7 +1446,7 @@ def main() -> None:
             old["search"] = old.get("search") or search
             return old
         print(f"{key}: running", flush=True)
-        rounds_file = work_dir(args, method, prompt, seed, row_tag(setting, variant)) / ROUND_CHECKPOINT
+        rounds_file = work_dir(args, method, prompt, seed, tag) / ROUND_CHECKPOINT
         if args.force:  # a forced rerun starts over, not from the rounds of the row it replaces
             rounds_file.unlink(missing_ok=True)
         start, code = time.perf_counter(), code_version()  # what the row runs, before anything is edited

@@ -822,14 +822,19 @@ def _killed_after_round(monkeypatch, after: int) -> None:
     monkeypatch.setattr(bench, "federate", dying)
 
 
-def _tiny_args(tmp_path: Path, out: str, rounds: int = 2) -> argparse.Namespace:
+def _tiny_argv(tmp_path: Path, out: str) -> list[str]:
+    """run.py's arguments for two tiny synthetic sites (written on first use), two rounds."""
     from pfedsam.data.synth import write_synthetic_sites
 
     if not (tmp_path / "data").exists():
         write_synthetic_sites(tmp_path / "data", sites=2, per_site=8, image_size=64, seed=0)
-    return bench.parse_args(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / out), "--backbone",
-                             "tiny", "--rounds", str(rounds), "--local-steps", "1", "--global-steps", "2",
-                             "--final-steps", "1", "--max-train", "4", "--batch-size", "2"])
+    return ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / out), "--backbone", "tiny", "--rounds",
+            "2", "--local-steps", "1", "--global-steps", "2", "--final-steps", "1", "--max-train", "4",
+            "--batch-size", "2"]
+
+
+def _tiny_args(tmp_path: Path, out: str) -> argparse.Namespace:
+    return bench.parse_args(_tiny_argv(tmp_path, out))
 
 
 SCORED = ("per_site", "val_dice", "val_curve", "val_curve_global", "rejected", "steps_per_site")
@@ -874,11 +879,9 @@ def test_a_round_checkpoint_of_other_code_or_another_machine_is_refused(tmp_path
 
 
 def test_a_recorded_row_drops_its_round_checkpoint_and_says_where_it_resumed(tmp_path, monkeypatch):
-    args = _tiny_args(tmp_path, "out")
-    argv = ["run.py", "--data-root", str(args.data_root), "--out", str(args.out), "--backbone", "tiny", "--rounds",
-            "2", "--local-steps", "1", "--global-steps", "2", "--final-steps", "1", "--max-train", "4",
-            "--batch-size", "2", "--methods", "fedavg", "--no-overlays"]
-    monkeypatch.setattr(sys, "argv", argv)
+    argv = _tiny_argv(tmp_path, "out")
+    args = bench.parse_args(argv)
+    monkeypatch.setattr(sys, "argv", ["run.py", *argv, "--methods", "fedavg", "--no-overlays"])
     monkeypatch.setattr(bench, "plots", lambda *a: None)
     with monkeypatch.context() as m:
         _killed_after_round(m, 0)
