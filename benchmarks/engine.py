@@ -11,7 +11,7 @@ bound, ``robust_combine`` weighted by ``federation.weighting``).
 
 A run given a ``checkpoint`` file writes it after every round and, started again, goes on after
 the last round it holds: a row longer than what is left of a session (FedAvg + LoRA at 48
-rounds: 130 to 140 s a round on two Xeon cores) survives the end of its process. Every round's
+rounds: 103 min on two Xeon cores, docs/results.md) survives the end of its process. Every round's
 batches and augmentation are seeded by (seed, site, phase, round) alone and each phase builds a
 fresh optimizer, so what a site carries into the next round is its local parameters, Ditto's
 personal copy and the server's state: a resumed run gives the uninterrupted run's numbers to the

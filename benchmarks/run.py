@@ -435,6 +435,7 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 CODE_DIRS = ("custom", "jobs", "benchmarks")  # what a row's numbers depend on; docs and results do not count
+CODE_PATHSPECS = tuple(f":(top){d}" for d in CODE_DIRS)  # the same folders from anywhere in the repository
 
 
 def _git(root: Path, *args: str) -> str:
@@ -449,7 +450,7 @@ def code_version(root: Path = Path(__file__).parent) -> str:
     apart from a change of seed. Edits to docs or results do not count."""
     try:
         commit = _git(root, "rev-parse", "--short=12", "HEAD")
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *(f":(top){d}" for d in CODE_DIRS))
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHSPECS)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
@@ -461,7 +462,7 @@ def code_tree(root: Path = Path(__file__).parent) -> str:
     resumes across the commits of other rows; ``unknown`` outside git."""
     try:
         trees = _git(root, "rev-parse", *(f"HEAD:{d}" for d in CODE_DIRS))
-        diff = _git(root, "diff", "HEAD", "--", *(f":(top){d}" for d in CODE_DIRS))
+        diff = _git(root, "diff", "HEAD", "--", *CODE_PATHSPECS)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not trees:
@@ -560,16 +561,18 @@ def work_dir(args: argparse.Namespace, method: str, prompt: str, seed: int, tag:
 
 
 def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: int, prompt: str,
-               setting: dict, variant: dict | None = None) -> dict:
+               setting: dict, variant: dict | None = None, *, key: str, work: Path) -> dict:
     """One federated run of job variant ``method`` at all ``sites``, scored on val (selection) and test.
 
-    ``variant``: dotted overrides on top of ``setting`` (``--variant``); it must keep the budget.
+    Arguments:
+      variant: dotted overrides on top of ``setting`` (``--variant``); it must keep the budget.
+      key: the row's key in results.json (``row_key``), which its round checkpoint must hold.
+      work: the row's folder (``work_dir``): its sites' files and its round checkpoint.
     """
     cfg = variant_of(method, args, seed, prompt, setting, variant or {})
-    tag = row_tag(setting, variant)
-    work = work_dir(args, method, prompt, seed, tag)
+    tag = key.split("|", 3)[3]
     settings_now = flat_settings(cfg)
-    fingerprint = {"row": row_key(method, prompt, seed, tag), "sites": list(sites), "settings": settings_now,
+    fingerprint = {"row": key, "sites": list(sites), "settings": settings_now,
                    "code": code_tree(), "machine": machine_of(settings_now, args.device)}
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    final_split="val", log=lambda m: print(f"  [{method} s{seed} {tag}] {m}", flush=True),
@@ -1446,14 +1449,15 @@ def main() -> None:
             old["search"] = old.get("search") or search
             return old
         print(f"{key}: running", flush=True)
-        rounds_file = work_dir(args, method, prompt, seed, tag) / ROUND_CHECKPOINT
+        work = work_dir(args, method, prompt, seed, tag)
+        rounds_file = work / ROUND_CHECKPOINT
         if args.force:  # a forced rerun starts over, not from the rounds of the row it replaces
             rounds_file.unlink(missing_ok=True)
         start, code = time.perf_counter(), code_version()  # what the row runs, before anything is edited
         try:
             runner = {"zero-shot": run_zero_shot, "centralized": run_centralized}.get(method)
             row = (runner(args, sites, seed, prompt, setting) if runner
-                   else run_method(method, args, sites, seed, prompt, setting, variant))
+                   else run_method(method, args, sites, seed, prompt, setting, variant, key=key, work=work))
         except Exception as exc:  # one failed run must not lose the others
             import traceback
 

@@ -578,7 +578,7 @@ def test_fedavg_finetune_reports_the_aggregated_model_as_its_global_one(tmp_path
     feds = []
     federate = bench.federate
     monkeypatch.setattr(bench, "federate", lambda *a, **k: feds.append(federate(*a, **k)) or feds[-1])
-    row = bench.run_method("fedavg-ft", args, ["site-1", "site-2"], 0, "none", {"lr": 30.0})
+    row = _run_method("fedavg-ft", args, ["site-1", "site-2"], {"lr": 30.0})
     fed = feds[0]
     for s, t in fed.trainers.items():
         fine_tuned = t.get_global_state()
@@ -837,6 +837,13 @@ def _tiny_args(tmp_path: Path, out: str) -> argparse.Namespace:
     return bench.parse_args(_tiny_argv(tmp_path, out))
 
 
+def _run_method(method: str, args: argparse.Namespace, sites: list[str], setting: dict) -> dict:
+    """``run_method`` for seed 0, no prompt, with the key and folder ``main`` gives it."""
+    tag = bench.row_tag(setting)
+    return bench.run_method(method, args, sites, 0, "none", setting, key=bench.row_key(method, "none", 0, tag),
+                            work=bench.work_dir(args, method, "none", 0, tag))
+
+
 SCORED = ("per_site", "val_dice", "val_curve", "val_curve_global", "rejected", "steps_per_site")
 
 
@@ -848,13 +855,13 @@ SCORED = ("per_site", "val_dice", "val_curve", "val_curve_global", "rejected", "
 ])
 def test_a_row_killed_mid_run_resumes_to_the_uninterrupted_rows_numbers(tmp_path, monkeypatch, method, killed_after):
     sites, setting = ["site-1", "site-2"], {"lr": 3.0}
-    whole = bench.run_method(method, _tiny_args(tmp_path, "whole"), sites, 0, "none", setting)
+    whole = _run_method(method, _tiny_args(tmp_path, "whole"), sites, setting)
     args = _tiny_args(tmp_path, "parts")
     with monkeypatch.context() as m:
         _killed_after_round(m, killed_after)
         with pytest.raises(Killed):
-            bench.run_method(method, args, sites, 0, "none", setting)
-    resumed = bench.run_method(method, args, sites, 0, "none", setting)
+            _run_method(method, args, sites, setting)
+    resumed = _run_method(method, args, sites, setting)
     assert resumed["resumed_at_rounds"] == [killed_after + 1] and "resumed_at_rounds" not in whole
     for key in SCORED:  # as JSON: every float to the bit, NaN (no empty test image) equal to NaN
         assert json.dumps(resumed[key], sort_keys=True) == json.dumps(whole[key], sort_keys=True), key
@@ -866,16 +873,16 @@ def test_a_round_checkpoint_of_other_code_or_another_machine_is_refused(tmp_path
     with monkeypatch.context() as m:
         _killed_after_round(m, 0)
         with pytest.raises(Killed):
-            bench.run_method("fedavg", args, sites, 0, "none", setting)
+            _run_method("fedavg", args, sites, setting)
     monkeypatch.setattr(bench, "code_tree", lambda: "edited")
     with pytest.raises(ValueError, match=r"rounds\.pt holds rounds of another run \(code: was '.*', now 'edited'\)"
                                          r".*delete it"):
-        bench.run_method("fedavg", args, sites, 0, "none", setting)
+        _run_method("fedavg", args, sites, setting)
     monkeypatch.undo()
     machine = bench.machine_of
     monkeypatch.setattr(bench, "machine_of", lambda *a: {**machine(*a), "precision": "float16"})
     with pytest.raises(ValueError, match=r"machine\.precision: was '(bf16|float32)', now 'float16'"):
-        bench.run_method("fedavg", args, sites, 0, "none", setting)
+        _run_method("fedavg", args, sites, setting)
 
 
 def test_a_recorded_row_drops_its_round_checkpoint_and_says_where_it_resumed(tmp_path, monkeypatch):
