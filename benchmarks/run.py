@@ -570,7 +570,7 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
       work: the row's folder (``work_dir``): its sites' files and its round checkpoint.
     """
     cfg = variant_of(method, args, seed, prompt, setting, variant or {})
-    tag = key.split("|", 3)[3]
+    tag = row_tag(setting, variant)  # for the log and the saved models' folder
     settings_now = flat_settings(cfg)
     fingerprint = {"row": key, "sites": list(sites), "settings": settings_now,
                    "code": code_tree(), "machine": machine_of(settings_now, args.device)}
