@@ -21,12 +21,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stats import interval_text, paired_difference  # noqa: E402
 
-from pfedsam.config import load_config  # noqa: E402
+from pfedsam.model.checkpoint import read_site_model  # noqa: E402
 from pfedsam.train import SiteTrainer  # noqa: E402
 
 WAYS = {"on": "personalized", "off": "global"}  # experts on / off, as SiteTrainer.evaluate names them
@@ -40,11 +39,7 @@ def score_site(model_dir: Path, site: str, site_dir: Path) -> dict[str, list[flo
       site: the site's name; site_dir: its data folder (images, masks, split.json).
     Returns ``{"val_on": [...], "val_off": [...], "test_on": [...], "test_off": [...]}``.
     """
-    for name in ("config.yaml", "weights.pt"):
-        if not (model_dir / name).is_file():
-            raise FileNotFoundError(f"{model_dir} is not a site model folder: {name} is missing")
-    cfg = load_config(model_dir / "config.yaml")
-    saved = torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=True)
+    cfg, saved = read_site_model(model_dir)
     with tempfile.TemporaryDirectory() as work:
         trainer = SiteTrainer(cfg, site, site_dir=site_dir, workdir=Path(work))
         trainer.set_global_state(saved["global"])

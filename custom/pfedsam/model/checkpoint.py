@@ -49,8 +49,9 @@ def save_site_model(
     return out
 
 
-def load_site_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[PFedSAM, PFedSAMConfig, dict]:
-    """Rebuild a personalized model from a site model folder; errors name the file at fault."""
+def read_site_model(model_dir: str | Path) -> tuple[PFedSAMConfig, dict[str, Any]]:
+    """The config and the saved ``{"global", "local", "meta"}`` states of a site model folder, checked
+    but not built into a model; errors name the file at fault."""
     folder = Path(model_dir)
     cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (cfg_path, weights_path):
@@ -63,6 +64,13 @@ def load_site_model(model_dir: str | Path, device: str | torch.device = "cpu") -
         raise ConfigError(f"{weights_path}: cannot be read as pFedSAM weights: {exc}") from None
     if not isinstance(saved, dict) or "global" not in saved or "local" not in saved:
         raise ConfigError(f"{weights_path}: expected a dict with 'global' and 'local' states")
+    return cfg, saved
+
+
+def load_site_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[PFedSAM, PFedSAMConfig, dict]:
+    """Rebuild a personalized model from a site model folder; errors name the file at fault."""
+    cfg, saved = read_site_model(model_dir)
+    weights_path = Path(model_dir) / WEIGHTS_FILE
     model = build_pfedsam(cfg)
     load_global_state(model, saved["global"], source=str(weights_path))
     load_local_state(model, saved["local"], source=str(weights_path))
