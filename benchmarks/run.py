@@ -527,10 +527,12 @@ def size_rule_inputs(images: list[dict], prefix: str = "") -> dict[str, list]:
 
 
 def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global: bool = True,
-             global_state: dict | None = None) -> dict:
+             global_state: dict | None = None, val_global: dict | None = None) -> dict:
     """Test scores of a site's model (and of the global one), with ``val``, its validation result
     (``evaluate(..., per_image=True)``): the mean, and per image what pairs variants and chooses the size rule.
-    ``global_state``: G(T) where the site's own global parameters no longer hold it (FedAvg + fine-tune)."""
+    ``global_state``: G(T) where the site's own global parameters no longer hold it (FedAvg + fine-tune).
+    ``val_global``: G(T)'s validation result, kept with its test scores (whether a site should keep its
+    experts is read off the two validation scores, ``benchmarks/experts_kept.py``)."""
     row = test_scores(trainer, personal, "personalized")
     row["val_dice"] = val["dice"]
     row["val_images"] = float32_scores(i["dice"] for i in val["images"])
@@ -543,6 +545,9 @@ def site_row(trainer: SiteTrainer, personal: dict | None, val: dict, with_global
         # the size rule's inputs stay with the personalized row: only it has validation areas to choose on
         row["global"] = {k: v for k, v in g.items()
                          if k not in ("ids", "truth_empty", "pred_area") and not k.startswith("val_")}
+        if val_global is not None:
+            row["global"].update(val_dice=val_global["dice"],
+                                 val_images=float32_scores(i["dice"] for i in val_global["images"]))
     return row
 
 
@@ -582,7 +587,8 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     g_state = fed.global_state if cfg.federation.final_finetune else None
     per_site = {}
     for s, t in fed.trainers.items():
-        per_site[s] = site_row(t, fed.personal[s], fed.final[s]["val"]["personalized"], has_global, g_state)
+        val = fed.final[s]["val"]  # G(T) scored before the final personalization, the site's model after
+        per_site[s] = site_row(t, fed.personal[s], val["personalized"], has_global, g_state, val["global"])
         if (final := fed.final[s])["lr_scale"] is not None:  # train.final_lr_scales: the scale kept, each tried
             per_site[s]["final_lr_scale"] = final["lr_scale"]
             per_site[s]["val_dice_by_final_lr_scale"] = {f"{k:g}": v for k, v in final["val_by_lr_scale"].items()}

@@ -1,10 +1,12 @@
-"""benchmarks/experts_kept.py on a tiny recorded pFedSAM row: the scores it computes from the saved
-site models must be the row's own, and each site's choice must follow its validation split."""
+"""benchmarks/experts_kept.py on a tiny recorded pFedSAM row: the G(T) validation scores run.py records
+must be what the saved site models score, an older row without them is scored from its models, and each
+site's choice must follow its validation split."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -41,23 +43,70 @@ def recorded(tmp_path_factory):
     return tmp, key, results["runs"][key]
 
 
-def test_scores_reproduce_the_row_and_choices_follow_validation(recorded):
+def test_recorded_scores_are_what_the_saved_site_models_score(recorded):
     tmp, key, row = recorded
-    result = experts_kept.experts_kept(tmp / "out", key, tmp / "data")
-    assert sorted(result["sites"]) == sorted(row["per_site"])
-    for site, r in result["sites"].items():
-        stored = row["per_site"][site]
-        np.testing.assert_allclose(r["images"]["test_on"], stored["images"], atol=1e-5)
-        np.testing.assert_allclose(r["images"]["test_off"], stored["global"]["images"], atol=1e-5)
-        np.testing.assert_allclose(r["images"]["val_on"], stored["val_images"], atol=1e-5)
+    for site, stored in row["per_site"].items():
+        rescored = experts_kept.score_site(tmp / "out" / "work" / "models" / f"pfedsam-{key.split('|')[3]}" / site,
+                                           site, tmp / "data" / site)
+        for name, values in experts_kept.stored_scores(stored).items():
+            np.testing.assert_allclose(rescored[name], values, atol=1e-5, err_msg=f"{site} {name}")
+        assert stored["global"]["val_dice"] == pytest.approx(np.mean(stored["global"]["val_images"]), abs=1e-5)
+
+
+def test_choices_follow_validation(recorded):
+    tmp, key, row = recorded
+    result = experts_kept.experts_kept(tmp / "out", [key], tmp / "data")
+    sites = result["rows"][key]["sites"]
+    assert sorted(sites) == sorted(row["per_site"])
+    for r in sites.values():
+        assert r["source"] == "results.json"
         assert r["kept"] == (r["val_on"] > r["val_off"])
-    chosen = np.mean([r["test_on"] if r["kept"] else r["test_off"] for r in result["sites"].values()])
+    chosen = np.mean([r["test_on"] if r["kept"] else r["test_off"] for r in sites.values()])
     assert result["test_mean"]["chosen"] == pytest.approx(chosen)
-    kept = [r["kept"] for r in result["sites"].values()]
+    kept = [r["kept"] for r in sites.values()]
     if all(kept):  # the chosen models are the personalized ones: no difference to keeping them everywhere
         assert result["chosen_minus"]["on"]["diff"] == 0.0
     if not any(kept):
         assert result["chosen_minus"]["off"]["diff"] == 0.0
+
+
+def test_seeds_pool_and_a_row_given_twice_is_refused(recorded, tmp_path):
+    tmp, key, _ = recorded
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    results = json.loads((out / "results.json").read_text())
+    other = key.replace("seed0", "seed1")  # the same scores as a second seed
+    results["runs"][other] = results["runs"][key]
+    (out / "results.json").write_text(json.dumps(results))
+    one = experts_kept.experts_kept(out, [key], tmp / "data")
+    two = experts_kept.experts_kept(out, [key, other], tmp / "data")
+    assert two["test_mean"] == pytest.approx(one["test_mean"])
+    table = [line for line in experts_kept.markdown(two).splitlines() if line.startswith("| ")]
+    lines = {line.split(" | ")[0][2:]: line for line in table}
+    for site, r in one["rows"][key]["sites"].items():
+        assert lines[site].endswith(f"| {2 if r['kept'] else 0} of 2 |")
+    with pytest.raises(ValueError, match="given more than once"):
+        experts_kept.experts_kept(out, [key, key], tmp / "data")
+
+
+def test_a_row_recorded_without_global_validation_scores_is_scored_from_its_models(recorded, tmp_path):
+    tmp, key, row = recorded
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    results = json.loads((out / "results.json").read_text())
+    for r in results["runs"][key]["per_site"].values():
+        del r["global"]["val_images"], r["global"]["val_dice"]
+    results["runs"][key.replace("seed0", "seed1")] = results["runs"][key]
+    (out / "results.json").write_text(json.dumps(results))
+    old = experts_kept.experts_kept(out, [key], tmp / "data")
+    new = experts_kept.experts_kept(tmp / "out", [key], tmp / "data")
+    for site, r in old["rows"][key]["sites"].items():
+        assert r["source"] == "site models"
+        assert r["kept"] == new["rows"][key]["sites"][site]["kept"]
+        for name, values in r["images"].items():
+            np.testing.assert_allclose(values, new["rows"][key]["sites"][site]["images"][name], atol=1e-5)
+    with pytest.raises(ValueError, match=r"seed1.*without G\(T\)'s validation scores.*seed 0 only"):
+        experts_kept.experts_kept(out, [key.replace("seed0", "seed1")], tmp / "data")
 
 
 @pytest.mark.parametrize("row, error", [
@@ -66,7 +115,7 @@ def test_scores_reproduce_the_row_and_choices_follow_validation(recorded):
 def test_a_row_that_is_not_recorded_is_named(recorded, row, error):
     tmp, _, _ = recorded
     with pytest.raises(KeyError, match=error):
-        experts_kept.experts_kept(tmp / "out", row, tmp / "data")
+        experts_kept.experts_kept(tmp / "out", [row], tmp / "data")
 
 
 def test_a_missing_model_folder_is_named(recorded, tmp_path):
