@@ -587,9 +587,10 @@ def run_method(method: str, args: argparse.Namespace, sites: list[str], seed: in
     g_state = fed.global_state if cfg.federation.final_finetune else None
     per_site = {}
     for s, t in fed.trainers.items():
-        val = fed.final[s]["val"]  # G(T) scored before the final personalization, the site's model after
-        per_site[s] = site_row(t, fed.personal[s], val["personalized"], has_global, g_state, val["global"])
-        if (final := fed.final[s])["lr_scale"] is not None:  # train.final_lr_scales: the scale kept, each tried
+        final = fed.final[s]  # its val: G(T) scored before the final personalization, the site's model after
+        per_site[s] = site_row(t, fed.personal[s], final["val"]["personalized"], has_global, g_state,
+                               final["val"]["global"])
+        if final["lr_scale"] is not None:  # train.final_lr_scales: the scale kept, each tried
             per_site[s]["final_lr_scale"] = final["lr_scale"]
             per_site[s]["val_dice_by_final_lr_scale"] = {f"{k:g}": v for k, v in final["val_by_lr_scale"].items()}
         if seed == 0 and method in OVERLAY_METHODS:
