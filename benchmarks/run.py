@@ -436,6 +436,10 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
 
 CODE_DIRS = ("custom", "jobs", "benchmarks")  # what a row's numbers depend on; docs and results do not count
 CODE_PATHSPECS = tuple(f":(top){d}" for d in CODE_DIRS)  # the same folders from anywhere in the repository
+# What a row imports: the package, the job and the benchmark modules run.py loads. The other scripts under
+# benchmarks/ (screen.py, experts_kept.py, ...) do not run in a row, so editing them leaves its checkpoint valid.
+ROW_CODE = ("custom", "jobs", "benchmarks/run.py", "benchmarks/engine.py", "benchmarks/stats.py",
+            "benchmarks/latency.py")
 
 
 def _git(root: Path, *args: str) -> str:
@@ -457,12 +461,12 @@ def code_version(root: Path = Path(__file__).parent) -> str:
 
 
 def code_tree(root: Path = Path(__file__).parent) -> str:
-    """What a round checkpoint may be resumed with: the git trees of ``CODE_DIRS`` plus a digest of their
-    uncommitted changes. Unlike ``code_version`` a results or docs commit leaves it as it was, so a row
-    resumes across the commits of other rows; ``unknown`` outside git."""
+    """What a round checkpoint may be resumed with: the git objects of ``ROW_CODE`` plus a digest of their
+    uncommitted changes. Unlike ``code_version`` a results or docs commit, or an edit to a script a row
+    does not import, leaves it as it was, so a row resumes across such commits; ``unknown`` outside git."""
     try:
-        trees = _git(root, "rev-parse", *(f"HEAD:{d}" for d in CODE_DIRS))
-        diff = _git(root, "diff", "HEAD", "--", *CODE_PATHSPECS)
+        trees = _git(root, "rev-parse", *(f"HEAD:{d}" for d in ROW_CODE))
+        diff = _git(root, "diff", "HEAD", "--", *(f":(top){d}" for d in ROW_CODE))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if not trees:

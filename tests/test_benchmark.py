@@ -909,17 +909,28 @@ def test_code_tree_ignores_results_commits_and_names_uncommitted_code(tmp_path):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                        capture_output=True)
 
-    for name in ("custom/pfedsam/model.py", "jobs/pfedsam/meta.json", "benchmarks/run.py", "docs/results.md"):
+    row_files = ("benchmarks/run.py", "benchmarks/engine.py", "benchmarks/stats.py", "benchmarks/latency.py")
+    for name in ("custom/pfedsam/model.py", "jobs/pfedsam/meta.json", *row_files, "benchmarks/screen.py",
+                 "docs/results.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x = 1\n")
     git("init", "-q")
     git("add", "-A")
     git("commit", "-qm", "start")
     clean = bench.code_tree(tmp_path / "benchmarks")
-    assert len(clean.split()) == 3
+    assert len(clean.split()) == 2 + len(row_files)
     (tmp_path / "docs" / "results.md").write_text("a new row\n")
     git("commit", "-qam", "results")
     assert bench.code_tree(tmp_path / "benchmarks") == clean
+    # a script no row imports: neither a commit nor an uncommitted edit of it voids a checkpoint
+    (tmp_path / "benchmarks" / "screen.py").write_text("x = 3\n")
+    assert bench.code_tree(tmp_path / "benchmarks") == clean
+    git("commit", "-qam", "screen")
+    assert bench.code_tree(tmp_path / "benchmarks") == clean
+    for name in row_files:  # every module a row imports counts
+        (tmp_path / name).write_text("x = 4\n")
+        assert bench.code_tree(tmp_path / "benchmarks") != clean, name
+        git("checkout", "-q", "--", name)
     (tmp_path / "custom" / "pfedsam" / "model.py").write_text("x = 2\n")
     edited = bench.code_tree(tmp_path / "benchmarks")
     assert edited.startswith(clean + " +") and edited != clean
