@@ -19,6 +19,10 @@ Each variant is ``key=value`` pairs (dotted keys of the job's settings, comma-se
 A screen has a local phase in every round (``train.local_start: 0``, whatever the job sets):
 with a later start the early rounds' local steps would train the global model, so the
 trajectory would depend on the schedule; ``train.local_start`` itself is screened by full runs.
+``--base key=value,...`` sets a design every variant builds on, global keys included (say the
+encoder LoRA, ``lora.encoder_blocks=1,train.global_from_embedding=false``): the trajectory is
+then trained with it, under its own file, and its screens form their own table. A base must
+keep the budget (as ``run.py --variant`` must) and may not set ``train.local_start``.
 Results go to ``OUT/screen.json`` and ``OUT/screen.md`` (paired bootstrap intervals over
 validation images against ``default``); the trajectory is kept under ``OUT/work/screen/``.
 Budget options (``--rounds``, ``--max-train`` ...) are ``run.py``'s, with the same defaults.
@@ -61,14 +65,37 @@ def parse_variant(text: str) -> dict[str, object]:
     return out
 
 
-def trajectory(args: argparse.Namespace, sites: list[str], seed: int, lr: float) -> list[dict[str, np.ndarray]]:
-    """G(0..T) of pFedSAM at this budget, seed and lr scale: trained once (global phases only), then reused."""
-    key = hashlib.sha256(json.dumps([bench.budget(args), sites, seed, lr], sort_keys=True).encode()).hexdigest()[:12]
+def parse_base(text: str, args: argparse.Namespace, seed: int, lr: float) -> dict[str, object]:
+    """``--base``: dotted overrides every variant builds on; global keys are allowed, the budget must hold."""
+    try:
+        base = bench.parse_overrides(text)
+        if "train.local_start" in base:
+            raise ValueError("a screen has a local phase in every round (train.local_start is screened by run.py)")
+        bench.variant_of("pfedsam", args, seed, args.prompt, {"lr": lr}, base)
+    except ValueError as exc:  # variant_of and parse_overrides name --variant: this is --base
+        raise ValueError(f"--base {text!r}: {str(exc).split(': ', 1)[-1]}") from None
+    return base
+
+
+def with_train(design: dict[str, object], **train: object) -> dict[str, dict]:
+    """``design``'s nested overrides with ``train`` keys set on top (the phase a screen runs)."""
+    overrides = bench.nested(design)
+    overrides["train"] = {**overrides.get("train", {}), **train}
+    return overrides
+
+
+def trajectory(args: argparse.Namespace, sites: list[str], seed: int, lr: float,
+               base: dict[str, object] | None = None) -> list[dict[str, np.ndarray]]:
+    """G(0..T) of pFedSAM at this budget, seed, lr scale and base design: trained once (global phases only),
+    then reused."""
+    base = base or {}
+    ident = [bench.budget(args), sites, seed, lr] + ([base] if base else [])  # files kept before --base: same key
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     path = args.out / "work" / "screen" / f"trajectory-seed{seed}-lr{lr:g}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
-    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, train={"local_steps": 0, "final_steps": 0,
-                                                                              **SCREEN_TRAIN})
+    cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr},
+                            **with_train(base, local_steps=0, final_steps=0, **SCREEN_TRAIN))
     work = args.out / "work" / "screen" / f"trajectory-s{seed}"
     fed = federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=work / s), sites,
                    evaluate=False, keep_globals=True, log=lambda m: print(f"  [trajectory s{seed}] {m}", flush=True))
@@ -79,14 +106,15 @@ def trajectory(args: argparse.Namespace, sites: list[str], seed: int, lr: float)
 
 
 def replay(args: argparse.Namespace, sites: list[str], seed: int, lr: float, variant: dict[str, object],
-           globs: list[dict[str, np.ndarray]], trainers: dict[str, SiteTrainer] | None = None) -> dict:
-    """Every site's local phases and final personalization of one variant against ``globs``, scored on val.
+           globs: list[dict[str, np.ndarray]], trainers: dict[str, SiteTrainer] | None = None,
+           base: dict[str, object] | None = None) -> dict:
+    """Every site's local phases and final personalization of one variant (on ``base``) against ``globs``,
+    scored on val.
 
     ``trainers``, when given, receives each site's trainer afterwards (its model: G(T) + the L-MoE).
     """
-    overrides = bench.nested(variant)
-    # local phases only: G comes from globs
-    overrides["train"] = {"global_steps": 0, **SCREEN_TRAIN, **overrides.get("train", {})}
+    # local phases only: G comes from globs (a variant holds no global key, so it cannot undo this)
+    overrides = with_train({**(base or {}), **variant}, global_steps=0, **SCREEN_TRAIN)
     cfg = bench.make_config("pfedsam", args, seed, args.prompt, {"lr": lr}, **overrides)
     rounds = cfg.federation.rounds
     if len(globs) != rounds + 1:
@@ -149,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], help="key=value[,key=value] or 'default'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1.0, help="lr scale of the trajectory (and of lr_local)")
+    parser.add_argument("--base", default="default",
+                        help="key=value[,key=value]: the design every variant builds on (global keys allowed)")
     own, rest = parser.parse_known_args(argv)
     args = bench.parse_args(rest)
     args.out, args.data_root = args.out.resolve(), args.data_root.resolve()
@@ -156,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--data-root {args.data_root} not found (the real data lives in ../shared/data)")
     try:
         variants = [parse_variant(v) for v in own.variant or ["default"]]
+        base = parse_base(own.base, args, own.seed, own.lr)
     except ValueError as exc:
         sys.exit(str(exc))
     sites = discover_sites(args.data_root)
@@ -166,13 +197,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{path} holds screens of another budget or site list ({screen['budget']}); use another --out")
     globs = None
     for variant in variants:
-        key = f"seed{own.seed}|lr={own.lr:g}|{bench.variant_tag(variant)}"
+        group = f"seed{own.seed}|lr={own.lr:g}" + (f"|base={bench.variant_tag(base)}" if base else "")
+        key = f"{group}|{bench.variant_tag(variant)}"
         if key in screen["runs"] and not args.force:
             print(f"{key}: already in {path.name}", flush=True)
             continue
-        globs = globs if globs is not None else trajectory(args, sites, own.seed, own.lr)
+        globs = globs if globs is not None else trajectory(args, sites, own.seed, own.lr, base)
         print(f"{key}: replaying", flush=True)
-        screen["runs"][key] = replay(args, sites, own.seed, own.lr, variant, globs)
+        screen["runs"][key] = replay(args, sites, own.seed, own.lr, variant, globs, base=base)
         path.with_suffix(".tmp").write_text(json.dumps(screen, indent=1, default=float))
         path.with_suffix(".tmp").replace(path)
         (args.out / "screen.md").write_text(markdown(screen))

@@ -93,3 +93,46 @@ def test_markdown_groups_by_seed_and_lr_and_compares_with_default():
     }})
     assert "## seed0, lr=3" in text and "## seed0, lr=1" in text
     assert "| train.kd_weight=0 | **0.600** | +0.100 [+0.100, +0.100] | ahead |" in text
+
+
+LORA_BASE = "lora.encoder_blocks=1,train.global_from_embedding=false"
+
+
+def test_a_base_with_encoder_lora_replays_a_full_run(tiny):
+    """With a global design as base (encoder LoRA), the kept trajectory is the full run's G(t) bit for bit and
+    the replay reaches its experts and validation scores."""
+    args, sites = tiny
+    base = screen.parse_base(LORA_BASE, args, 0, 1.0)
+    overrides = screen.with_train(base, **screen.SCREEN_TRAIN)
+    cfg = screen.bench.make_config("pfedsam", args, 0, "none", {"lr": 1.0}, **overrides)
+    assert cfg.lora.encoder_blocks == 1
+    fed = screen.federate(lambda s: SiteTrainer(cfg, s, site_dir=args.data_root / s, workdir=args.out / "lora" / s),
+                          sites, final_split="val", log=lambda m: None, keep_globals=True)
+    globs = screen.trajectory(args, sites, 0, 1.0, base)
+    plain = screen.trajectory(args, sites, 0, 1.0)
+    assert any(n not in plain[-1] for n in globs[-1])  # the base's LoRA is among the global weights
+    for rnd, kept in enumerate(fed.globals):
+        assert kept.keys() == globs[rnd].keys()
+        for name, value in kept.items():
+            np.testing.assert_array_equal(globs[rnd][name], value, err_msg=f"round {rnd} {name}")
+    trainers: dict = {}
+    replayed = screen.replay(args, sites, 0, 1.0, {}, globs, trainers, base=base)
+    for s in sites:
+        full_local, replay_local = fed.trainers[s].get_local_state(), trainers[s].get_local_state()
+        assert full_local.keys() == replay_local.keys() and full_local
+        for name in full_local:
+            np.testing.assert_allclose(replay_local[name], full_local[name], rtol=0, atol=1e-6, err_msg=name)
+        assert replayed["per_site"][s]["dice"] == pytest.approx(fed.final[s]["val"]["personalized"]["dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train.local_steps=5", "optimizer steps"),  # more steps: another budget
+    ("lmoe.hiden=8", "hiden"),  # misspelled key
+    ("lora.encoder_blocks", "key=value"),  # no value
+    ("train.local_start=0.5", "local_start"),  # the screen's own schedule
+])
+def test_parse_base_refuses_what_breaks_the_screen(tiny, text, match):
+    args, _ = tiny
+    with pytest.raises(ValueError, match=match) as err:
+        screen.parse_base(text, args, 0, 1.0)
+    assert str(err.value).startswith("--base ")
