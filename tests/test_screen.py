@@ -31,6 +31,16 @@ def tiny(tmp_path_factory):
     return args, discover_sites(args.data_root)
 
 
+def assert_replay_matches(fed, trainers: dict, replayed: dict, sites: list[str]) -> None:
+    """Every site's replayed L-MoE equals the full run's (to 1e-6), and so does its validation Dice."""
+    for s in sites:
+        full_local, replay_local = fed.trainers[s].get_local_state(), trainers[s].get_local_state()
+        assert full_local.keys() == replay_local.keys() and full_local
+        for name in full_local:
+            np.testing.assert_allclose(replay_local[name], full_local[name], rtol=0, atol=1e-6, err_msg=name)
+        assert replayed["per_site"][s]["dice"] == pytest.approx(fed.final[s]["val"]["personalized"]["dice"], abs=1e-6)
+
+
 def test_replay_reaches_the_models_of_a_full_run(tiny):
     """Same G(T), same L-MoE weights and same validation scores as the full federation with a local
     phase in every round (the screen's schedule)."""
@@ -44,12 +54,7 @@ def test_replay_reaches_the_models_of_a_full_run(tiny):
         np.testing.assert_array_equal(globs[-1][name], value, err_msg=name)
     trainers: dict = {}
     replayed = screen.replay(args, sites, 0, 1.0, {}, globs, trainers)
-    for s in sites:
-        full_local, replay_local = fed.trainers[s].get_local_state(), trainers[s].get_local_state()
-        assert full_local.keys() == replay_local.keys() and full_local
-        for name in full_local:
-            np.testing.assert_allclose(replay_local[name], full_local[name], rtol=0, atol=1e-6, err_msg=name)
-        assert replayed["per_site"][s]["dice"] == pytest.approx(fed.final[s]["val"]["personalized"]["dice"], abs=1e-6)
+    assert_replay_matches(fed, trainers, replayed, sites)
     # the replayed L-MoE learned something: it is not the freshly built one
     fresh = SiteTrainer(cfg, sites[0], site_dir=args.data_root / sites[0], workdir=args.out / "fresh").get_local_state()
     assert any(not np.allclose(fresh[n], trainers[sites[0]].get_local_state()[n]) for n in fresh)
@@ -117,12 +122,7 @@ def test_a_base_with_encoder_lora_replays_a_full_run(tiny):
             np.testing.assert_array_equal(globs[rnd][name], value, err_msg=f"round {rnd} {name}")
     trainers: dict = {}
     replayed = screen.replay(args, sites, 0, 1.0, {}, globs, trainers, base=base)
-    for s in sites:
-        full_local, replay_local = fed.trainers[s].get_local_state(), trainers[s].get_local_state()
-        assert full_local.keys() == replay_local.keys() and full_local
-        for name in full_local:
-            np.testing.assert_allclose(replay_local[name], full_local[name], rtol=0, atol=1e-6, err_msg=name)
-        assert replayed["per_site"][s]["dice"] == pytest.approx(fed.final[s]["val"]["personalized"]["dice"], abs=1e-6)
+    assert_replay_matches(fed, trainers, replayed, sites)
 
 
 @pytest.mark.parametrize("text, match", [
