@@ -4,23 +4,22 @@
 # search. One row per run.py call, so each is saved as it finishes; a recorded row is never rerun and a
 # federated row resumes from its round checkpoint, so the script can be stopped and started at will.
 # Order: the rows already recorded, then what is still missing, the deciding pair first. On a 2-core CPU a
-# row takes 0.5 h (decoder only) to 3 h (pFedSAM with the encoder LoRA): the whole script is days.
+# row took 24 to 52 min (without the encoder LoRA, Intel Xeon with AMX) to 2.4 h (pFedSAM with the encoder LoRA; about 3.3 h
+# projected on a Zen 4 CPU without AMX): the whole script is days.
 # COMMIT=1 commits results/polyp-48rounds after every row (for sessions that run it across days).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/polyp}
 OUT=${OUT:-results/polyp-48rounds}
 LORA=lora.encoder_blocks=1,train.global_from_embedding=false
-row() {  # row METHOD SEED [VARIANT]
+row() {  # row METHODS SEEDS [VARIANT] (comma lists)
     python benchmarks/run.py --data-root "$DATA" --out "$OUT" --rounds 48 --tuned-from results/polyp/results.json \
         --cache-dir results/polyp/feature_cache --no-overlays --methods "$1" --seeds "$2" ${3:+--variant "$3"}
     if [[ "${COMMIT:-0}" == 1 ]] && [[ -n "$(git status --porcelain -- "$OUT")" ]]; then
         git add -- "$OUT" && git commit -q -m "results(polyp-48rounds): $1 seed $2${3:+ ($3)}" -- "$OUT"
     fi
 }
-for seed in 0 1 2; do
-    for method in fedavg pfedsam centralized local-plain; do row "$method" "$seed"; done
-done
+row fedavg,pfedsam,centralized,local-plain 0,1,2  # recorded: one call skips them all
 # the deciding pair: the strongest baseline and pFedSAM's best design, both with the encoder LoRA
 for seed in 0 1 2; do row fedavg "$seed" "$LORA"; row pfedsam "$seed" "$LORA"; done
 # issue 11's other main rows (three seeds) and the one-seed rows

@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     if screen["budget"] != bench.budget(args) or screen["sites"] != sites:
         sys.exit(f"{path} holds screens of another budget or site list ({screen['budget']}); use another --out")
     globs = None
+    group = f"seed{own.seed}|lr={own.lr:g}" + (f"|base={bench.variant_tag(base)}" if base else "")
     for variant in variants:
-        group = f"seed{own.seed}|lr={own.lr:g}" + (f"|base={bench.variant_tag(base)}" if base else "")
         key = f"{group}|{bench.variant_tag(variant)}"
         if key in screen["runs"] and not args.force:
             print(f"{key}: already in {path.name}", flush=True)

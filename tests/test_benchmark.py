@@ -902,6 +902,23 @@ def test_a_recorded_row_drops_its_round_checkpoint_and_says_where_it_resumed(tmp
     assert not checkpoints[0].exists()
 
 
+def test_row_code_names_every_benchmark_module_a_row_imports():
+    """``ROW_CODE`` is kept by hand: a benchmark module that run.py starts to import (directly or through
+    another one) must join it, or a checkpoint would resume across a change to that module."""
+    import ast
+
+    folder, seen, todo = ROOT / "benchmarks", set(), ["run"]
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            todo += [n for n in names if (folder / f"{n}.py").is_file() and n not in seen]
+    assert seen >= {"run", "engine", "stats", "latency"}
+    assert {f"benchmarks/{m}.py" for m in seen} == {c for c in bench.ROW_CODE if c.startswith("benchmarks/")}
+
+
 def test_code_tree_ignores_results_commits_and_names_uncommitted_code(tmp_path):
     import subprocess
 
