@@ -8,7 +8,7 @@
 # Subcommands: prepare | start | submit JOB | status | stop | clean
 # Options:
 #   --sites N            number of sites (default 2; prepare/start)
-#   --port P             server port for sites and admin (default: a free one; error if taken)
+#   --port P             server port for sites and admin (default: a free one below the kernel's ephemeral range; error if taken)
 #   --data-root DIR      give the sites the sub-folders of DIR as data (sorted, one per site);
 #                        default: data_dir null = the job's own data settings (synthetic set)
 #   --device D           device written into each site's config (auto, cpu, cuda, cuda:N; default auto)
@@ -118,8 +118,30 @@ finally:
 EOF
 }
 
+# A free port below the kernel's ephemeral range. bind(port 0) returns one inside that range, and
+# FLARE's processes pick their internal listener ports that way too, so such a port can go to a
+# site before the server binds it (seen in CI: site-1 listened on the server's port).
 free_port() {
-  "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+  "$PYTHON" - <<'EOF'
+import random, socket, sys
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768  # Linux's default lower bound
+ports = list(range(max(1025, low - 12000), low))
+random.SystemRandom().shuffle(ports)
+for port in ports[:500]:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    sys.exit(0)
+sys.exit(f"no free port below the ephemeral range (it starts at {low}); pass --port")
+EOF
 }
 
 load_settings() {
@@ -131,9 +153,10 @@ load_settings() {
 prod_dir() { echo "$POC_WS/$PROJECT_NAME/prod_00"; }
 site_names() { local i; for ((i = 1; i <= P_SITES; i++)); do echo "site-$i"; done; }
 
-admin() {  # run the admin tool (from this repository) with this deployment's admin kit
-  PYTHONPATH="$SCRIPT_DIR/custom${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pfedsam.flare.admin "$@" --startup-kit "$(prod_dir)/$ADMIN_USER" --username "$ADMIN_USER"
+admin_exec() {  # replace this (sub)shell by the admin tool (from this repository) with this deployment's admin kit
+  PYTHONPATH="$SCRIPT_DIR/custom${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m pfedsam.flare.admin "$@" --startup-kit "$(prod_dir)/$ADMIN_USER" --username "$ADMIN_USER"
 }
+admin() { (admin_exec "$@"); }
 
 # live processes carrying this state folder's marker, one per line: "PID PGID KIND", KIND = flare
 # (a FLARE python process: server, site, job) or other (service loop shell, its sleep)
@@ -361,11 +384,33 @@ stop it, or re-provision on another port with: ./poc_setup.sh prepare --port P (
   start_one "$SERVER_NAME"
   for s in $(site_names); do start_one "$s"; done
   info "started server and $P_SITES site(s) (pid file $PID_FILE); waiting for them to connect"
-  if ! admin wait-ready --clients "$(site_names | paste -sd, -)" --timeout "$START_TIMEOUT"; then
-    echo "--- last lines of the server log ($(prod_dir)/$SERVER_NAME/log.txt):" >&2
-    tail -n 15 "$(prod_dir)/$SERVER_NAME/log.txt" 2>/dev/null >&2 || true
-    echo "poc_setup.sh: error: the deployment did not come up within ${START_TIMEOUT} s; stopping it" >&2
-    STOP_TIMEOUT=10 do_stop || true
+  # Wait for the sites, but give up at once when the server cannot bind its port: it would only
+  # retry until the timeout.
+  local server_log waiter ready_rc=0 port_taken=0
+  server_log="$(prod_dir)/$SERVER_NAME/log.txt"
+  admin_exec wait-ready --clients "$(site_names | paste -sd, -)" --timeout "$START_TIMEOUT" &
+  waiter=$!  # the admin tool's own pid (admin_exec), so that kill ends it
+  while kill -0 "$waiter" 2>/dev/null; do
+    if grep -qsF "$P_PORT): address already in use" "$server_log"; then
+      port_taken=1
+      kill "$waiter" 2>/dev/null || true
+      break
+    fi
+    sleep 1
+  done
+  wait "$waiter" || ready_rc=$?
+  if ((port_taken || ready_rc)); then
+    echo "--- last lines of the server log ($server_log):" >&2
+    tail -n 15 "$server_log" >&2 2>/dev/null || true
+    if ((port_taken)); then
+      echo "poc_setup.sh: error: the server cannot listen on port $P_PORT: another process holds it" \
+        "(address already in use); provision another port with ./poc_setup.sh prepare (a free one" \
+        "is chosen without --port), then start again; stopping it" >&2
+    else
+      echo "poc_setup.sh: error: the deployment did not come up within ${START_TIMEOUT} s; stopping it" >&2
+    fi
+    # the port answers for another process: no graceful shutdown through it
+    STOP_TIMEOUT=10 STOP_GRACEFUL=$((!port_taken)) do_stop || true
     exit 1
   fi
   info "up in $((SECONDS - t0)) s: server localhost:$P_PORT, sites $(site_names | paste -sd' ' -)"
@@ -407,8 +452,12 @@ do_stop() {
     return 0
   fi
   local t0=$SECONDS grace=$STOP_TIMEOUT left name
-  info "stopping (graceful: abort jobs, shut down sites and server; up to ${grace} s)"
-  if marked_procs | grep ' flare$' >/dev/null; then
+  if [[ "${STOP_GRACEFUL:-1}" == 1 ]]; then
+    info "stopping (graceful: abort jobs, shut down sites and server; up to ${grace} s)"
+  else
+    info "stopping (the server is not reachable: shutdown files, then signals; up to ${grace} s)"
+  fi
+  if [[ "${STOP_GRACEFUL:-1}" == 1 ]] && marked_procs | grep ' flare$' >/dev/null; then
     admin shutdown --timeout "$((grace > 10 ? grace - 10 : grace))" --connect-timeout 5 || true
   fi
   # the service loops restart a missing FLARE process unless shutdown.fl is there

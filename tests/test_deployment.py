@@ -4,6 +4,10 @@ All tests here carry the ``slow`` marker (each POC start/stop costs about half a
 
 * ``test_provision_kits``: ``nvflare provision`` of ``provisioning/project.yml`` into tmp; every
   participant's startup kit is complete.
+* ``test_auto_port_lies_below_the_ephemeral_range`` and
+  ``test_start_gives_up_at_once_when_the_server_port_is_taken``: the server port
+  ``poc_setup.sh`` chooses cannot go to a FLARE process's own listener, and a port taken after
+  start's check ends the start within seconds with an error that names the port.
 * ``test_job_completes``: ``poc_setup.sh submit`` runs the ``pfedsam-tiny`` variant of
   ``jobs/pfedsam`` to FINISHED:COMPLETED, downloads it and prints the per-site table from
   ``report.json`` (every site must have metrics), once per code route (``deploy_job``): the
@@ -15,7 +19,7 @@ All tests here carry the ``slow`` marker (each POC start/stop costs about half a
 * ``test_stop_leaves_no_process``: ``poc_setup.sh stop`` ends every process the POC started
   (found by the marker environment variable the script gives them) and nothing is left.
 
-One POC (2 sites, loopback, a free port, its own HOME) serves the module; a finalizer stops it
+One POC (2 sites, loopback, a free port, its own HOME) serves the module's job tests; a finalizer stops it
 and kills leftovers even when a test fails.
 
 ``python tests/test_deployment.py hello DIR [--rounds N] [--delay S]`` writes the numpy hello
@@ -397,6 +401,76 @@ def test_provision_kits(tmp_path):
         check_cert(kit, "client.crt", "client.key", a["name"])
         cfg = json.loads((kit / "startup" / "fed_admin.json").read_text())["admin"]
         assert (cfg["host"], int(cfg["port"])) == (server["name"], port)
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) the POC's server port
+# ------------------------------------------------------------------------------------------------
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def prepared_poc(state_dir: Path) -> tuple[Poc, int]:
+    """A 1-site POC provisioned (not started) by ``poc_setup.sh prepare``; returns it and its port."""
+    if shutil.which("setsid") is None:
+        pytest.skip("setsid (util-linux) is not available")
+    p = Poc(state_dir)
+    r = p.run("prepare", "--sites", "1", timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    settings = dict(line.split("=", 1) for line in (state_dir / "settings.env").read_text().split())
+    return p, int(settings["P_PORT"])
+
+
+@needs_nvflare
+@pytest.mark.skipif(not EPHEMERAL_RANGE.is_file(), reason=f"{EPHEMERAL_RANGE} is absent (not Linux)")
+def test_auto_port_lies_below_the_ephemeral_range(tmp_path):
+    # FLARE's processes take their internal listener ports from the kernel's ephemeral range; a
+    # server port from that range can go to a site first (CI: site-1 listened on the server's port).
+    low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    _, port = prepared_poc(tmp_path)
+    assert 1024 < port < low, f"auto-chosen port {port} is not below the ephemeral range starting at {low}"
+
+
+@needs_nvflare
+def test_start_gives_up_at_once_when_the_server_port_is_taken(tmp_path):
+    """The port passes start's own check, then another process binds it before the server does."""
+    import socket
+    import threading
+
+    p, port = prepared_poc(tmp_path)
+    holder = socket.socket()
+    taken: list[BaseException | str] = []
+
+    def take_port_after_the_check():
+        # start writes its pid file right after checking the port, before it launches the server
+        if not wait_until((tmp_path / "pids").exists, 120, step=0.01):
+            taken.append("start wrote no pid file")
+            return
+        p.marker = next((ln.split()[1] for ln in (tmp_path / "pids").read_text().splitlines()
+                         if ln.startswith("marker ")), None)
+        try:
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+            taken.append("ok")
+        except OSError as exc:
+            taken.append(exc)
+
+    thread = threading.Thread(target=take_port_after_the_check)
+    thread.start()
+    t0 = time.time()
+    try:
+        r = p.run("start", "--start-timeout", "120", timeout=240)
+        elapsed = time.time() - t0
+    finally:
+        thread.join()
+        holder.close()
+        left = p.kill_leftovers()
+    assert taken == ["ok"], f"the test could not take port {port}: {taken}"
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"the server cannot listen on port {port}: another process holds it" in r.stderr, r.stderr
+    assert elapsed < 90, f"start took {elapsed:.0f} s to give up (its timeout is 120 s):\n{r.stdout}{r.stderr}"
+    assert not left, f"processes left after the failed start: {left}"
+
 
 
 # ------------------------------------------------------------------------------------------------
