@@ -140,9 +140,9 @@ def tag_of(setting: dict) -> str:
     return ",".join(f"{k}={v:g}" for k, v in setting.items())
 
 
-def parse_overrides(text: str) -> dict[str, object]:
+def parse_overrides(text: str, option: str = "--variant") -> dict[str, object]:
     """``"train.kd_weight=0,lmoe.hidden=64"`` -> ``{"train.kd_weight": 0, "lmoe.hidden": 64}``; ``default`` -> {}.
-    A list is one value: ``train.final_lr_scales=[0.3,1,3]``."""
+    A list is one value: ``train.final_lr_scales=[0.3,1,3]``. ``option`` is the flag an error names."""
     if text.strip() == "default":
         return {}
     out: dict[str, object] = {}
@@ -150,7 +150,7 @@ def parse_overrides(text: str) -> dict[str, object]:
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or not key or "." not in key:
-            raise ValueError(f"--variant {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
+            raise ValueError(f"{option} {text!r}: expected dotted key=value pairs (e.g. train.kd_weight=0), "
                              f"got {part!r}")
         out[key] = yaml.safe_load(value)
     return out
@@ -294,12 +294,17 @@ def make_config(method: str, args: argparse.Namespace, seed: int, prompt: str, s
     return variant_config(method, MAIN_JOB, merged)
 
 
-def variant_of(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict, variant: dict):
-    """``make_config`` with a design variant's dotted overrides on top; refused if it changes the budget."""
-    cfg = make_config(method, args, seed, prompt, setting, **nested(variant))
+def variant_of(method: str, args: argparse.Namespace, seed: int, prompt: str, setting: dict, variant: dict,
+               option: str = "--variant"):
+    """``make_config`` with a design variant's dotted overrides on top; refused, naming ``option``, if a key is
+    not the job's or if it changes the budget."""
+    try:
+        cfg = make_config(method, args, seed, prompt, setting, **nested(variant))
+    except ValueError as exc:
+        raise ValueError(f"{option} {variant_tag(variant)}: {exc}") from exc
     own, plan = plan_steps(make_config(method, args, seed, prompt, setting)), plan_steps(cfg)
     if (plan.total_steps, plan.total_images) != (own.total_steps, own.total_images):
-        raise ValueError(f"--variant {variant_tag(variant)}: {plan.total_steps} optimizer steps and "
+        raise ValueError(f"{option} {variant_tag(variant)}: {plan.total_steps} optimizer steps and "
                          f"{plan.total_images} images per site, but {method}'s budget is {own.total_steps} and "
                          f"{own.total_images}; keep both equal (e.g. move steps between the phases)")
     return cfg
@@ -434,10 +439,11 @@ def retag(results: dict, args: argparse.Namespace) -> list[tuple[str, str]]:
     return renamed
 
 
-CODE_DIRS = ("custom", "jobs", "benchmarks")  # what a row's numbers depend on; docs and results do not count
+CODE_DIRS = ("custom", "jobs", "benchmarks")  # a row's recorded code is dirty when these differ from its commit
 CODE_PATHSPECS = tuple(f":(top){d}" for d in CODE_DIRS)  # the same folders from anywhere in the repository
-# What a row imports: the package, the job and the benchmark modules run.py loads. The other scripts under
-# benchmarks/ (screen.py, experts_kept.py, ...) do not run in a row, so editing them leaves its checkpoint valid.
+# What a checkpoint may resume with: the package, the job and the benchmark modules run.py loads (a test keeps
+# this list equal to run.py's imports). The other scripts under benchmarks/ (screen.py, experts_kept.py, ...)
+# do not run in a row, so editing them leaves its checkpoint valid.
 ROW_CODE = ("custom", "jobs", "benchmarks/run.py", "benchmarks/engine.py", "benchmarks/stats.py",
             "benchmarks/latency.py")
 

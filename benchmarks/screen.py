@@ -67,13 +67,11 @@ def parse_variant(text: str) -> dict[str, object]:
 
 def parse_base(text: str, args: argparse.Namespace, seed: int, lr: float) -> dict[str, object]:
     """``--base``: dotted overrides every variant builds on; global keys are allowed, the budget must hold."""
-    try:
-        base = bench.parse_overrides(text)
-        if "train.local_start" in base:
-            raise ValueError("a screen has a local phase in every round (train.local_start is screened by run.py)")
-        bench.variant_of("pfedsam", args, seed, args.prompt, {"lr": lr}, base)
-    except ValueError as exc:  # variant_of and parse_overrides name --variant: this is --base
-        raise ValueError(f"--base {text!r}: {str(exc).split(': ', 1)[-1]}") from None
+    base = bench.parse_overrides(text, option="--base")
+    if "train.local_start" in base:
+        raise ValueError(f"--base {text!r}: a screen has a local phase in every round "
+                         "(train.local_start is screened by run.py)")
+    bench.variant_of("pfedsam", args, seed, args.prompt, {"lr": lr}, base, option="--base")
     return base
 
 
