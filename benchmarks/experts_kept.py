@@ -2,7 +2,8 @@
 
 An analysis of recorded pFedSAM rows, not a row. Each site's model is scored on validation and
 test with the experts on (personalized) and off (G(T) alone). Rows recorded since ``run.py``
-keeps G(T)'s per-image validation scores hold all four; for an older row, seed 0's saved site
+keeps G(T)'s per-image validation scores hold all four; an older row is read from an earlier
+analysis's record in ``OUT/experts_kept.json`` where one matches it, or else seed 0's saved site
 models (G(T) plus the site's L-MoE, ``OUT/work/models/<method>-<tag>/<site>``) are scored again.
 A site keeps its experts where its validation Dice is higher with them, and the test scores of
 the models so chosen are paired, over test images with the seeds pooled, with keeping the experts
@@ -61,6 +62,26 @@ def stored_scores(site_row: dict) -> dict[str, list[float]] | None:
             "test_on": site_row["images"], "test_off": glob["images"]}
 
 
+def earlier_scores(out: Path, row: str, per_site: dict) -> dict[str, dict[str, list[float]]] | None:
+    """The per-image scores an earlier analysis recorded for ``row`` in ``OUT/experts_kept.json`` (from the
+    site models, which a new checkout lacks), or None. A record counts only where its personalized test
+    scores are the row's in results.json, image for image: a row run again since does not match."""
+    path = out / "experts_kept.json"
+    if not path.exists():
+        return None
+
+    def same_row(recorded: list[float], row_images: list[float]) -> bool:
+        return len(recorded) == len(row_images) and np.allclose(recorded, row_images, rtol=0, atol=1e-6)
+
+    for entry in json.loads(path.read_text()).values():
+        sites = entry.get("rows", {}).get(row, {}).get("sites", {})
+        if sorted(sites) == sorted(per_site) and all(
+                same_row(sites[s]["images"]["test_on"], per_site[s]["images"]) for s in sites):
+            return {s: {k: sites[s]["images"][k] for k in ("val_on", "val_off", "test_on", "test_off")}
+                    for s in sites}
+    return None
+
+
 def row_scores(out: Path, results: dict, row: str, data_root: Path) -> dict[str, dict]:
     """Per site of ``row``: the four per-image score lists (``score_site``'s keys) and where they came from."""
     if row not in results["runs"]:
@@ -72,6 +93,9 @@ def row_scores(out: Path, results: dict, row: str, data_root: Path) -> dict[str,
     scores = {s: stored_scores(per_site[s]) for s in results["sites"]}
     if all(v is not None for v in scores.values()):
         return {s: {**v, "source": "results.json"} for s, v in scores.items()}
+    earlier = earlier_scores(out, row, per_site)
+    if earlier is not None:
+        return {s: {**v, "source": "experts_kept.json"} for s, v in earlier.items()}
     if seed != "seed0":
         raise ValueError(f"row '{row}' was recorded without G(T)'s validation scores, and run.py saves "
                          "site models for seed 0 only: nothing to score it with")

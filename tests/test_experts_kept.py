@@ -109,6 +109,31 @@ def test_a_row_recorded_without_global_validation_scores_is_scored_from_its_mode
         experts_kept.experts_kept(out, [key.replace("seed0", "seed1")], tmp / "data")
 
 
+def test_an_older_row_is_read_from_an_earlier_record_that_matches_it(recorded, tmp_path):
+    tmp, key, _ = recorded
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out", out)
+    results = json.loads((out / "results.json").read_text())
+    for r in results["runs"][key]["per_site"].values():
+        del r["global"]["val_images"], r["global"]["val_dice"]
+    (out / "results.json").write_text(json.dumps(results))
+    experts_kept.main(["--out", str(out), "--row", key, "--data-root", str(tmp / "data")])  # from the models
+    first = json.loads((out / "experts_kept.json").read_text())[key]
+    shutil.rmtree(out / "work" / "models")  # a new checkout has no site models
+    again = experts_kept.experts_kept(out, [key], tmp / "data")
+    for site, r in again["rows"][key]["sites"].items():
+        assert r["source"] == "experts_kept.json"
+        assert r["images"] == first["rows"][key]["sites"][site]["images"]
+    assert again["test_mean"] == first["test_mean"]
+    # a record whose personalized test scores are not the row's (the row was run again) is not used
+    record = json.loads((out / "experts_kept.json").read_text())
+    site = next(iter(record[key]["rows"][key]["sites"]))
+    record[key]["rows"][key]["sites"][site]["images"]["test_on"][0] += 0.01
+    (out / "experts_kept.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="is not a site model folder"):
+        experts_kept.experts_kept(out, [key], tmp / "data")
+
+
 @pytest.mark.parametrize("row, error", [
     ("pfedsam|none|seed0|nope", r"has no row 'pfedsam\|none\|seed0\|nope'"),
 ])
