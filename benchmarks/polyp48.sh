@@ -4,8 +4,8 @@
 # search. One row per run.py call, so each is saved as it finishes; a recorded row is never rerun and a
 # federated row resumes from its round checkpoint, so the script can be stopped and started at will.
 # Order: the rows already recorded, then what is still missing, the deciding pair first. On a 2-core CPU a
-# row took 24 to 52 min (without the encoder LoRA, Intel Xeon with AMX) to 2.4 h (pFedSAM with the encoder LoRA; about 3.3 h
-# projected on a Zen 4 CPU without AMX): the whole script is days.
+# row took 24 to 52 min (without the encoder LoRA, Intel Xeon with AMX) to 2.4 h (pFedSAM with the encoder LoRA; 3.5 h
+# on a Zen 4 CPU without AMX, the feature cache's refill included): the whole script is days.
 # COMMIT=1 commits results/polyp-48rounds after every row (for sessions that run it across days).
 set -euo pipefail
 cd "$(dirname "$0")/.."
