@@ -89,15 +89,23 @@ def test_seeds_pool_and_a_row_given_twice_is_refused(recorded, tmp_path):
         experts_kept.experts_kept(out, [key, key], tmp / "data")
 
 
-def test_a_row_recorded_without_global_validation_scores_is_scored_from_its_models(recorded, tmp_path):
-    tmp, key, row = recorded
-    out = tmp_path / "out"
+def as_older_row(recorded, out: Path, *also: str) -> None:
+    """Copy the recorded benchmark folder to ``out`` with its row stripped of G(T)'s validation scores (as
+    rows recorded before run.py kept them), also under the keys ``also``."""
+    tmp, key, _ = recorded
     shutil.copytree(tmp / "out", out)
     results = json.loads((out / "results.json").read_text())
     for r in results["runs"][key]["per_site"].values():
         del r["global"]["val_images"], r["global"]["val_dice"]
-    results["runs"][key.replace("seed0", "seed1")] = results["runs"][key]
+    for other in also:
+        results["runs"][other] = results["runs"][key]
     (out / "results.json").write_text(json.dumps(results))
+
+
+def test_a_row_recorded_without_global_validation_scores_is_scored_from_its_models(recorded, tmp_path):
+    tmp, key, _ = recorded
+    out = tmp_path / "out"
+    as_older_row(recorded, out, key.replace("seed0", "seed1"))
     old = experts_kept.experts_kept(out, [key], tmp / "data")
     new = experts_kept.experts_kept(tmp / "out", [key], tmp / "data")
     for site, r in old["rows"][key]["sites"].items():
@@ -112,11 +120,7 @@ def test_a_row_recorded_without_global_validation_scores_is_scored_from_its_mode
 def test_an_older_row_is_read_from_an_earlier_record_that_matches_it(recorded, tmp_path):
     tmp, key, _ = recorded
     out = tmp_path / "out"
-    shutil.copytree(tmp / "out", out)
-    results = json.loads((out / "results.json").read_text())
-    for r in results["runs"][key]["per_site"].values():
-        del r["global"]["val_images"], r["global"]["val_dice"]
-    (out / "results.json").write_text(json.dumps(results))
+    as_older_row(recorded, out)
     experts_kept.main(["--out", str(out), "--row", key, "--data-root", str(tmp / "data")])  # from the models
     first = json.loads((out / "experts_kept.json").read_text())[key]
     shutil.rmtree(out / "work" / "models")  # a new checkout has no site models
