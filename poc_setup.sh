@@ -391,7 +391,7 @@ stop it, or re-provision on another port with: ./poc_setup.sh prepare --port P (
   admin_exec wait-ready --clients "$(site_names | paste -sd, -)" --timeout "$START_TIMEOUT" &
   waiter=$!  # the admin tool's own pid (admin_exec), so that kill ends it
   while kill -0 "$waiter" 2>/dev/null; do
-    if grep -qsF "$P_PORT): address already in use" "$server_log"; then
+    if grep -qsF "', $P_PORT): address already in use" "$server_log"; then
       port_taken=1
       kill "$waiter" 2>/dev/null || true
       break
