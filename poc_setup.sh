@@ -8,7 +8,7 @@
 # Subcommands: prepare | start | submit JOB | status | stop | clean
 # Options:
 #   --sites N            number of sites (default 2; prepare/start)
-#   --port P             server port for sites and admin (default: a free one below the kernel's ephemeral range; error if taken)
+#   --port P             server port for sites and admin (default: a free one below the kernel's ephemeral range; error if taken, warning if in that range)
 #   --data-root DIR      give the sites the sub-folders of DIR as data (sorted, one per site);
 #                        default: data_dir null = the job's own data settings (synthetic set)
 #   --device D           device written into each site's config (auto, cpu, cuda, cuda:N; default auto)
@@ -296,6 +296,14 @@ do_prepare() {
   local port="$PORT"
   if [[ -n "$port" ]]; then
     port_free "$port" || die "port $port is already in use on 127.0.0.1; pick another with --port or leave it out"
+    local range
+    range="$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true)"
+    if [[ "$range" =~ ^([0-9]+)[[:space:]]+([0-9]+)$ ]] \
+      && ((port >= BASH_REMATCH[1] && port <= BASH_REMATCH[2])); then
+      info "warning: port $port lies in the kernel's ephemeral range (${BASH_REMATCH[1]}-${BASH_REMATCH[2]}), where" \
+        "FLARE's processes take their own listener ports: one may take it before the server; a port below" \
+        "${BASH_REMATCH[1]} cannot be taken that way"
+    fi
   else
     port="$(free_port)"
   fi

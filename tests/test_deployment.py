@@ -4,10 +4,11 @@ All tests here carry the ``slow`` marker (each POC start/stop costs about half a
 
 * ``test_provision_kits``: ``nvflare provision`` of ``provisioning/project.yml`` into tmp; every
   participant's startup kit is complete.
-* ``test_auto_port_lies_below_the_ephemeral_range`` and
+* ``test_auto_port_lies_below_the_ephemeral_range_and_a_given_one_there_is_warned_about`` and
   ``test_start_gives_up_at_once_when_the_server_port_is_taken``: the server port
-  ``poc_setup.sh`` chooses cannot go to a FLARE process's own listener, and a port taken after
-  start's check ends the start within seconds with an error that names the port.
+  ``poc_setup.sh`` chooses cannot go to a FLARE process's own listener (a ``--port`` that can
+  is kept, with a warning), and a port taken after start's check ends the start within seconds
+  with an error that names the port.
 * ``test_job_completes``: ``poc_setup.sh submit`` runs the ``pfedsam-tiny`` variant of
   ``jobs/pfedsam`` to FINISHED:COMPLETED, downloads it and prints the per-site table from
   ``report.json`` (every site must have metrics), once per code route (``deploy_job``): the
@@ -410,25 +411,43 @@ def test_provision_kits(tmp_path):
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def prepared_poc(state_dir: Path) -> tuple[Poc, int]:
-    """A 1-site POC provisioned (not started) by ``poc_setup.sh prepare``; returns it and its port."""
+def prepared_poc(state_dir: Path, *args: str) -> tuple[Poc, int, str]:
+    """A 1-site POC provisioned (not started) by ``poc_setup.sh prepare ARGS``; returns it, its port and
+    what prepare printed."""
     if shutil.which("setsid") is None:
         pytest.skip("setsid (util-linux) is not available")
     p = Poc(state_dir)
-    r = p.run("prepare", "--sites", "1", timeout=180)
+    r = p.run("prepare", "--sites", "1", *args, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     settings = dict(line.split("=", 1) for line in (state_dir / "settings.env").read_text().split())
-    return p, int(settings["P_PORT"])
+    return p, int(settings["P_PORT"]), r.stdout + r.stderr
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 @needs_nvflare
 @pytest.mark.skipif(not EPHEMERAL_RANGE.is_file(), reason=f"{EPHEMERAL_RANGE} is absent (not Linux)")
-def test_auto_port_lies_below_the_ephemeral_range(tmp_path):
+def test_auto_port_lies_below_the_ephemeral_range_and_a_given_one_there_is_warned_about(tmp_path):
     # FLARE's processes take their internal listener ports from the kernel's ephemeral range; a
     # server port from that range can go to a site first (CI: site-1 listened on the server's port).
     low = int(EPHEMERAL_RANGE.read_text().split()[0])
-    _, port = prepared_poc(tmp_path)
+    _, port, printed = prepared_poc(tmp_path / "auto")
     assert 1024 < port < low, f"auto-chosen port {port} is not below the ephemeral range starting at {low}"
+    assert "ephemeral range" not in printed
+    # a port the user gives is kept, with a warning when it lies in that range
+    given = next(q for q in range(low + 1000, low + 2000) if _port_is_free(q))
+    _, port, printed = prepared_poc(tmp_path / "given", "--port", str(given))
+    assert port == given
+    assert f"warning: port {given} lies in the kernel's ephemeral range" in printed, printed
 
 
 @needs_nvflare
@@ -437,7 +456,7 @@ def test_start_gives_up_at_once_when_the_server_port_is_taken(tmp_path):
     import socket
     import threading
 
-    p, port = prepared_poc(tmp_path)
+    p, port, _ = prepared_poc(tmp_path)
     holder = socket.socket()
     taken: list[BaseException | str] = []
 
