@@ -118,16 +118,25 @@ finally:
 EOF
 }
 
-# A free port below the kernel's ephemeral range. bind(port 0) returns one inside that range, and
-# FLARE's processes pick their internal listener ports that way too, so such a port can go to a
-# site before the server binds it (seen in CI: site-1 listened on the server's port).
-free_port() {
-  "$PYTHON" - <<'EOF'
+# The kernel's ephemeral port range, "LOW HIGH" (Linux's default where it cannot be read). bind(port 0)
+# returns a port inside it, and FLARE's processes pick their internal listener ports that way, so a
+# server port there can go to a site before the server binds it (seen in CI: site-1 listened on it).
+ephemeral_range() {
+  local range
+  range="$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true)"
+  if [[ "$range" =~ ^([0-9]+)[[:space:]]+([0-9]+)$ ]]; then
+    echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]}"
+  else
+    echo "32768 60999"
+  fi
+}
+
+free_port() {  # a free port below the ephemeral range
+  local low _
+  read -r low _ <<<"$(ephemeral_range)"
+  "$PYTHON" - "$low" <<'EOF'
 import random, socket, sys
-try:
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    low = 32768  # Linux's default lower bound
+low = int(sys.argv[1])
 ports = list(range(max(1025, low - 12000), low))
 random.SystemRandom().shuffle(ports)
 for port in ports[:500]:
@@ -296,13 +305,11 @@ do_prepare() {
   local port="$PORT"
   if [[ -n "$port" ]]; then
     port_free "$port" || die "port $port is already in use on 127.0.0.1; pick another with --port or leave it out"
-    local range
-    range="$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true)"
-    if [[ "$range" =~ ^([0-9]+)[[:space:]]+([0-9]+)$ ]] \
-      && ((port >= BASH_REMATCH[1] && port <= BASH_REMATCH[2])); then
-      info "warning: port $port lies in the kernel's ephemeral range (${BASH_REMATCH[1]}-${BASH_REMATCH[2]}), where" \
-        "FLARE's processes take their own listener ports: one may take it before the server; a port below" \
-        "${BASH_REMATCH[1]} cannot be taken that way"
+    local low high
+    read -r low high <<<"$(ephemeral_range)"
+    if ((port >= low && port <= high)); then
+      info "warning: port $port lies in the kernel's ephemeral range ($low-$high), where FLARE's processes" \
+        "take their own listener ports: one may take it before the server; a port below $low cannot be taken that way"
     fi
   else
     port="$(free_port)"

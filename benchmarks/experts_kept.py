@@ -77,8 +77,7 @@ def earlier_scores(out: Path, row: str, per_site: dict) -> dict[str, dict[str, l
         sites = entry.get("rows", {}).get(row, {}).get("sites", {})
         if sorted(sites) == sorted(per_site) and all(
                 same_row(sites[s]["images"]["test_on"], per_site[s]["images"]) for s in sites):
-            return {s: {k: sites[s]["images"][k] for k in ("val_on", "val_off", "test_on", "test_off")}
-                    for s in sites}
+            return {s: sites[s]["images"] for s in sites}  # score_site's four lists, as experts_kept wrote them
     return None
 
 

@@ -7,7 +7,7 @@ All tests here carry the ``slow`` marker (each POC start/stop costs about half a
 * ``test_auto_port_lies_below_the_ephemeral_range_and_a_given_one_there_is_warned_about`` and
   ``test_start_gives_up_at_once_when_the_server_port_is_taken``: the server port
   ``poc_setup.sh`` chooses cannot go to a FLARE process's own listener (a ``--port`` that can
-  is kept, with a warning), and a port taken after start's check ends the start within seconds
+  is kept, with a warning), and a port taken after start's check ends the start long before its timeout
   with an error that names the port.
 * ``test_job_completes``: ``poc_setup.sh submit`` runs the ``pfedsam-tiny`` variant of
   ``jobs/pfedsam`` to FINISHED:COMPLETED, downloads it and prints the per-site table from
@@ -414,8 +414,6 @@ EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 def prepared_poc(state_dir: Path, *args: str) -> tuple[Poc, int, str]:
     """A 1-site POC provisioned (not started) by ``poc_setup.sh prepare ARGS``; returns it, its port and
     what prepare printed."""
-    if shutil.which("setsid") is None:
-        pytest.skip("setsid (util-linux) is not available")
     p = Poc(state_dir)
     r = p.run("prepare", "--sites", "1", *args, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -456,6 +454,8 @@ def test_start_gives_up_at_once_when_the_server_port_is_taken(tmp_path):
     import socket
     import threading
 
+    if shutil.which("setsid") is None:
+        pytest.skip("setsid (util-linux) is not available")
     p, port, _ = prepared_poc(tmp_path)
     holder = socket.socket()
     taken: list[BaseException | str] = []
@@ -489,7 +489,6 @@ def test_start_gives_up_at_once_when_the_server_port_is_taken(tmp_path):
     assert f"the server cannot listen on port {port}: another process holds it" in r.stderr, r.stderr
     assert elapsed < 90, f"start took {elapsed:.0f} s to give up (its timeout is 120 s):\n{r.stdout}{r.stderr}"
     assert not left, f"processes left after the failed start: {left}"
-
 
 
 # ------------------------------------------------------------------------------------------------
