@@ -1,11 +1,13 @@
 """benchmarks/experts_kept.py on a tiny recorded pFedSAM row: the G(T) validation scores run.py records
 must be what the saved site models score, an older row without them is scored from its models, and each
-site's choice must follow its validation split."""
+site's choice must follow its validation split; benchmarks/expert_steps.py on the same row's saved
+site models."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +20,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+import expert_steps  # noqa: E402  (benchmarks/expert_steps.py)
 import experts_kept  # noqa: E402  (benchmarks/experts_kept.py)
 
 
@@ -150,3 +153,61 @@ def test_a_row_that_is_not_recorded_is_named(recorded, row, error):
 def test_a_missing_model_folder_is_named(recorded, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a site model folder: config\.yaml is missing"):
         experts_kept.score_site(tmp_path, "site-1", tmp_path)
+
+
+# -- benchmarks/expert_steps.py on the same recorded row ------------------------------------------------------
+
+
+def _site_model(recorded, site: str) -> Path:
+    tmp, key, _ = recorded
+    return tmp / "out" / "work" / "models" / f"pfedsam-{key.split('|')[3]}" / site
+
+
+def test_expert_steps_scores_the_saved_model_as_recorded_and_arms_start_where_they_say(recorded):
+    tmp, _, row = recorded
+    site = sorted(row["per_site"])[0]
+    stored = row["per_site"][site]
+    # A learning rate of ~0 leaves each arm at its start: the saved experts, or fresh ones (G(T) exactly).
+    result = expert_steps.expert_steps(_site_model(recorded, site), tmp / "data" / site, ["val", "test"],
+                                       [("saved", 1e-9, [1]), ("fresh", 1e-9, [1]), ("fresh", 1.0, [2, 1])])
+    saved = result["saved"]
+    assert saved["val_on"] == pytest.approx(stored["val_dice"], abs=1e-5)
+    assert saved["val_off"] == pytest.approx(stored["global"]["val_dice"], abs=1e-5)
+    assert saved["test_on"] == pytest.approx(stored["dice"], abs=1e-5)
+    assert saved["test_off"] == pytest.approx(stored["global"]["dice"], abs=1e-5)
+    still_saved, still_fresh, trained = result["arms"]
+    assert still_saved["chunks"][0]["val"] == pytest.approx(saved["val_on"], abs=1e-4)
+    assert still_fresh["chunks"][0]["val"] == pytest.approx(saved["val_off"], abs=1e-4)
+    assert [c["steps"] for c in trained["chunks"]] == [2, 3]
+    assert all(np.isfinite(c["loss"]) and c["seconds"] >= 0 for c in trained["chunks"])
+
+
+def test_expert_steps_main_keeps_earlier_records(recorded, tmp_path):
+    tmp, _, row = recorded
+    sites = sorted(row["per_site"])
+    for site in sites:
+        expert_steps.main(["--model", str(_site_model(recorded, site)), "--data-root", str(tmp / "data"),
+                           "--out", str(tmp_path), "--arm", "saved,1/2,1"])
+    stored = json.loads((tmp_path / "expert_steps.json").read_text())
+    assert sorted(k.split("/")[1] for k in stored) == sites
+    for record in stored.values():
+        assert record["arms"][0]["lr_scale"] == 0.5 and list(record["saved"]) == ["val_on", "val_off"]
+
+
+@pytest.mark.parametrize("arm, error", [
+    ("saved,1", "expected START,SCALE,CHUNKS"),
+    ("stale,1,16", "START must be one of"),
+    ("saved,x,16", "SCALE must be a number or a fraction"),
+    ("saved,1/0,16", "SCALE must be a number or a fraction"),
+    ("fresh,1,16+y", "CHUNKS integers"),
+    ("fresh,0,16", "must be positive"),
+    ("fresh,1,16+0", "must be positive"),
+])
+def test_expert_steps_names_a_bad_arm(arm, error):
+    with pytest.raises(ValueError, match=rf"--arm '{re.escape(arm)}'.*{error}"):
+        expert_steps.parse_arm(arm)
+
+
+def test_expert_steps_names_a_folder_that_is_not_a_site_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a site model folder"):
+        expert_steps.expert_steps(tmp_path, tmp_path, ["val"], [])
