@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from pfedsam.model.checkpoint import read_site_model
-from pfedsam.train import SiteTrainer
-from pfedsam.train.site import Stream
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from experts_kept import scores_on_off, site_model_trainer  # noqa: E402
+
+from pfedsam.train.site import Stream  # noqa: E402
 
 SPLITS = ("train", "val", "test")
 STARTS = ("saved", "fresh")
@@ -65,31 +66,22 @@ def expert_steps(model_dir: Path, site_dir: Path, splits: list[str], arms: list[
       splits: which of train, val, test to score the saved model on.
       arms: ``parse_arm``'s tuples.
     """
-    if not (model_dir / "weights.pt").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a site model folder (no weights.pt)")
-    cfg, saved = read_site_model(model_dir)
     out: dict = {"model": str(model_dir), "saved": {}, "arms": []}
-    with tempfile.TemporaryDirectory() as work:
-        trainer = SiteTrainer(cfg, model_dir.name, site_dir=site_dir, workdir=Path(work))
+    with site_model_trainer(model_dir, model_dir.name, site_dir) as (trainer, saved, fresh):
         if not trainer.model.has_local:
             raise ValueError(f"{model_dir} has no local part (L-MoE) to train")
-        fresh = trainer.get_local_state()  # a new SiteTrainer's L-MoE: the start of every site's experts
-        trainer.set_global_state(saved["global"])
-        trainer.set_local_state(saved["local"])
-        for split in splits:
-            for way, which in (("on", "personalized"), ("off", "global")):
-                dice = [float(i["dice"]) for i in trainer.evaluate(split, which, per_image=True)["images"]]
-                out["saved"][f"{split}_{way}"] = float(np.mean(dice))
-                print(f"saved model, {split}, experts {way}: {np.mean(dice):.3f} ({len(dice)} images)", flush=True)
+        for name, dice in scores_on_off(trainer, tuple(splits)).items():
+            out["saved"][name] = float(np.mean(dice))
+            print(f"saved model, {name}: {np.mean(dice):.3f} ({len(dice)} images)", flush=True)
         for start, scale, chunks in arms:
             trainer.set_global_state(saved["global"])
             trainer.set_local_state(saved["local"] if start == "saved" else fresh)
             arm = {"start": start, "lr_scale": scale, "chunks": []}
             done = 0
             for n in chunks:
-                t0 = time.perf_counter()
+                t0, stream = time.perf_counter(), Stream(*PROBE_STREAM, done * trainer.cfg.train.batch_size)
                 with trainer.lr_scaled(scale):
-                    stats = trainer.run_local_phase(steps=n, stream=Stream(*PROBE_STREAM, done * cfg.train.batch_size))
+                    stats = trainer.run_local_phase(steps=n, stream=stream)
                 done += n
                 val = float(trainer.evaluate("val", "personalized")["dice"])
                 arm["chunks"].append({"steps": done, "val": val, "seconds": time.perf_counter() - t0,

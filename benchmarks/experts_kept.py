@@ -22,6 +22,8 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,26 @@ from pfedsam.train import SiteTrainer  # noqa: E402
 WAYS = {"on": "personalized", "off": "global"}  # experts on / off, as SiteTrainer.evaluate names them
 
 
+@contextmanager
+def site_model_trainer(model_dir: Path, site: str, site_dir: Path) -> Iterator[tuple[SiteTrainer, dict, dict]]:
+    """A ``SiteTrainer`` on ``site_dir`` holding a saved site model (G(T) and the site's L-MoE), in a
+    temporary work folder. Yields the trainer, the saved states (``read_site_model``'s) and the L-MoE
+    state the trainer was built with (the seeded fresh experts every site starts from)."""
+    cfg, saved = read_site_model(model_dir)
+    with tempfile.TemporaryDirectory() as work:
+        trainer = SiteTrainer(cfg, site, site_dir=site_dir, workdir=Path(work))
+        fresh = trainer.get_local_state()
+        trainer.set_global_state(saved["global"])
+        trainer.set_local_state(saved["local"])
+        yield trainer, saved, fresh
+
+
+def scores_on_off(trainer: SiteTrainer, splits: tuple[str, ...] = ("val", "test")) -> dict[str, list[float]]:
+    """Per-image Dice of the trainer's model on ``splits``, experts on and off: ``{"val_on": [...], ...}``."""
+    return {f"{split}_{way}": [float(i["dice"]) for i in trainer.evaluate(split, which, per_image=True)["images"]]
+            for split in splits for way, which in WAYS.items()}
+
+
 def score_site(model_dir: Path, site: str, site_dir: Path) -> dict[str, list[float]]:
     """Per-image Dice of one saved site model on ``val`` and ``test``, experts on and off.
 
@@ -43,13 +65,8 @@ def score_site(model_dir: Path, site: str, site_dir: Path) -> dict[str, list[flo
       site: the site's name; site_dir: its data folder (images, masks, split.json).
     Returns ``{"val_on": [...], "val_off": [...], "test_on": [...], "test_off": [...]}``.
     """
-    cfg, saved = read_site_model(model_dir)
-    with tempfile.TemporaryDirectory() as work:
-        trainer = SiteTrainer(cfg, site, site_dir=site_dir, workdir=Path(work))
-        trainer.set_global_state(saved["global"])
-        trainer.set_local_state(saved["local"])
-        return {f"{split}_{way}": [float(i["dice"]) for i in trainer.evaluate(split, which, per_image=True)["images"]]
-                for split in ("val", "test") for way, which in WAYS.items()}
+    with site_model_trainer(model_dir, site, site_dir) as (trainer, _, _):
+        return scores_on_off(trainer)
 
 
 def stored_scores(site_row: dict) -> dict[str, list[float]] | None:
