@@ -7,7 +7,7 @@ projections: the model starts as G(T) exactly), runs the local phase (seg + KD f
 L-MoE trains) in chunks of steps at a learning-rate scale, and scores validation after each chunk.
 A fit that fails to carry (training Dice up, test down) and a failed fit (training Dice down too)
 read differently here. Results are printed and written to ``OUT/expert_steps.json`` under the model
-folder's name.
+folder's name; a later run on the same model adds its arms to that record (``merge_record``).
 
     python benchmarks/expert_steps.py --model "results/polyp-alltrain/work/models/<method>-<tag>/kvasir-seg" \\
         --data-root ../shared/data/polyp --out results/polyp-alltrain --splits train,val,test \\
@@ -92,6 +92,26 @@ def expert_steps(model_dir: Path, site_dir: Path, splits: list[str], arms: list[
     return out
 
 
+def merge_record(stored: dict | None, new: dict, where: str) -> dict:
+    """``new`` added to an earlier record of the same model: its saved scores join the stored ones and
+    its arms are appended, an arm run again (same start, scale and chunks) replacing the stored one.
+    A saved score that differs from the stored one means another model under the same name: refused."""
+    if stored is None:
+        return new
+    for split, dice in new["saved"].items():
+        if split in stored["saved"] and abs(stored["saved"][split] - dice) > 1e-6:
+            raise ValueError(f"{where}: the stored record scores {split} {stored['saved'][split]:.6f}, this model "
+                             f"{dice:.6f}: another model under the same name; write to another --out")
+
+    def arm_key(arm: dict) -> tuple:
+        return arm["start"], arm["lr_scale"], tuple(c["steps"] for c in arm["chunks"])
+
+    rerun = {arm_key(a) for a in new["arms"]}
+    return {**stored, **{k: v for k, v in new.items() if k not in ("saved", "arms")},
+            "saved": {**stored["saved"], **new["saved"]},
+            "arms": [a for a in stored["arms"] if arm_key(a) not in rerun] + new["arms"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="a saved site model folder (named after its site)")
@@ -110,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     result = expert_steps(args.model, args.data_root / args.model.name, splits, arms)
     path = args.out / "expert_steps.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    stored[f"{args.model.parent.name}/{args.model.name}"] = result
+    key = f"{args.model.parent.name}/{args.model.name}"
+    stored[key] = merge_record(stored.get(key), result, f"{path} [{key!r}]")
     path.write_text(json.dumps(stored, indent=1))
     print(f"written to {path}")
 

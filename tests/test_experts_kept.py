@@ -194,6 +194,33 @@ def test_expert_steps_main_keeps_earlier_records(recorded, tmp_path):
         assert record["arms"][0]["lr_scale"] == 0.5 and list(record["saved"]) == ["val_on", "val_off"]
 
 
+def _record(saved: dict, *arms: tuple) -> dict:
+    return {"model": "m", "saved": saved, "arms": [
+        {"start": start, "lr_scale": scale, "chunks": [{"steps": n, "val": val} for n in steps]}
+        for start, scale, steps, val in arms]}
+
+
+@pytest.mark.parametrize("stored, new, saved, arms", [
+    (None, _record({"val_on": 0.7}, ("fresh", 1.0, [8], 0.5)), {"val_on": 0.7}, [("fresh", 0.5)]),
+    # a new arm is appended and a new split joins the saved scores
+    (_record({"val_on": 0.7}, ("fresh", 1.0, [16], 0.4)),
+     _record({"val_on": 0.7, "test_on": 0.6}, ("fresh", 1.0, [8], 0.5)),
+     {"val_on": 0.7, "test_on": 0.6}, [("fresh", 0.4), ("fresh", 0.5)]),
+    # the same arm run again replaces the stored one; the other arms stay
+    (_record({"val_on": 0.7}, ("saved", 1.0, [16], 0.4), ("fresh", 1.0, [16], 0.3)),
+     _record({"val_on": 0.7}, ("fresh", 1.0, [16], 0.35)), {"val_on": 0.7}, [("saved", 0.4), ("fresh", 0.35)]),
+])
+def test_expert_steps_adds_a_later_run_to_the_stored_record(stored, new, saved, arms):
+    merged = expert_steps.merge_record(stored, new, "f.json")
+    assert merged["saved"] == saved
+    assert [(a["start"], a["chunks"][0]["val"]) for a in merged["arms"]] == arms
+
+
+def test_expert_steps_refuses_to_merge_another_model_under_the_same_name():
+    with pytest.raises(ValueError, match=r"f.json: the stored record scores val_on 0.700000.*another model"):
+        expert_steps.merge_record(_record({"val_on": 0.7}), _record({"val_on": 0.71}), "f.json")
+
+
 @pytest.mark.parametrize("arm, error", [
     ("saved,1", "expected START,SCALE,CHUNKS"),
     ("stale,1,16", "START must be one of"),
