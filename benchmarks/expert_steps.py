@@ -93,23 +93,32 @@ def expert_steps(model_dir: Path, site_dir: Path, splits: list[str], arms: list[
 
 
 def merge_record(stored: dict | None, new: dict, where: str) -> dict:
-    """``new`` added to an earlier record of the same model: its saved scores join the stored ones and
-    its arms are appended, an arm run again (same start, scale and chunks) replacing the stored one.
-    A saved score that differs from the stored one means another model under the same name: refused."""
+    """``new`` added to an earlier record of the same model: its saved scores join the stored ones, an arm
+    run again (same start, scale and chunks) takes its earlier result's place, other arms are appended.
+
+    The saved scores tell the models apart: the two runs must share a split (``--splits val`` by
+    default), and a shared split scored differently (beyond 1e-4, more than a rescoring of one model
+    moves) means another model under the same name. Both are refused with an error naming ``where``.
+    """
     if stored is None:
         return new
-    for split, dice in new["saved"].items():
-        if split in stored["saved"] and abs(stored["saved"][split] - dice) > 1e-6:
-            raise ValueError(f"{where}: the stored record scores {split} {stored['saved'][split]:.6f}, this model "
-                             f"{dice:.6f}: another model under the same name; write to another --out")
+    stored_saved, new_saved = stored.get("saved", {}), new.get("saved", {})
+    shared = [split for split in new_saved if split in stored_saved]
+    if not shared:
+        raise ValueError(f"{where}: this run scores {sorted(new_saved)} and the stored record {sorted(stored_saved)}; "
+                         "with no split in common it cannot tell the models apart: add one to --splits")
+    for split in shared:
+        if abs(stored_saved[split] - new_saved[split]) > 1e-4:
+            raise ValueError(f"{where}: the stored record scores {split} {stored_saved[split]:.6f}, this model "
+                             f"{new_saved[split]:.6f}: another model under the same name; write to another --out")
 
     def arm_key(arm: dict) -> tuple:
         return arm["start"], arm["lr_scale"], tuple(c["steps"] for c in arm["chunks"])
 
-    rerun = {arm_key(a) for a in new["arms"]}
+    rerun = {arm_key(a): a for a in new.get("arms", [])}
+    arms = [rerun.pop(arm_key(a), a) for a in stored.get("arms", [])]
     return {**stored, **{k: v for k, v in new.items() if k not in ("saved", "arms")},
-            "saved": {**stored["saved"], **new["saved"]},
-            "arms": [a for a in stored["arms"] if arm_key(a) not in rerun] + new["arms"]}
+            "saved": {**stored_saved, **new_saved}, "arms": arms + list(rerun.values())}
 
 
 def main(argv: list[str] | None = None) -> None:

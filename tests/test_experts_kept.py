@@ -201,24 +201,44 @@ def _record(saved: dict, *arms: tuple) -> dict:
 
 
 @pytest.mark.parametrize("stored, new, saved, arms", [
-    (None, _record({"val_on": 0.7}, ("fresh", 1.0, [8], 0.5)), {"val_on": 0.7}, [("fresh", 0.5)]),
+    (None, _record({"val_on": 0.7}, ("fresh", 1.0, [8], 0.5)), {"val_on": 0.7}, [("fresh", 1.0, 0.5)]),
     # a new arm is appended and a new split joins the saved scores
     (_record({"val_on": 0.7}, ("fresh", 1.0, [16], 0.4)),
      _record({"val_on": 0.7, "test_on": 0.6}, ("fresh", 1.0, [8], 0.5)),
-     {"val_on": 0.7, "test_on": 0.6}, [("fresh", 0.4), ("fresh", 0.5)]),
-    # the same arm run again replaces the stored one; the other arms stay
-    (_record({"val_on": 0.7}, ("saved", 1.0, [16], 0.4), ("fresh", 1.0, [16], 0.3)),
-     _record({"val_on": 0.7}, ("fresh", 1.0, [16], 0.35)), {"val_on": 0.7}, [("saved", 0.4), ("fresh", 0.35)]),
+     {"val_on": 0.7, "test_on": 0.6}, [("fresh", 1.0, 0.4), ("fresh", 1.0, 0.5)]),
+    # the same arm run again takes its earlier result's place; the other arms stay where they were
+    (_record({"val_on": 0.7}, ("saved", 1.0, [16], 0.4), ("fresh", 1.0, [16], 0.3), ("fresh", 0.5, [16], 0.2)),
+     _record({"val_on": 0.7}, ("fresh", 1.0, [16], 0.35)), {"val_on": 0.7},
+     [("saved", 1.0, 0.4), ("fresh", 1.0, 0.35), ("fresh", 0.5, 0.2)]),
+    # an arm that differs only in its learning-rate scale is another arm
+    (_record({"val_on": 0.7}, ("fresh", 1.0, [8, 16], 0.4)), _record({"val_on": 0.7}, ("fresh", 1 / 3, [8, 16], 0.5)),
+     {"val_on": 0.7}, [("fresh", 1.0, 0.4), ("fresh", 1 / 3, 0.5)]),
+    # a rescoring of the same model may move in the last digits
+    (_record({"val_on": 0.7}), _record({"val_on": 0.7 + 1e-6}, ("saved", 1.0, [8], 0.5)),
+     {"val_on": 0.7 + 1e-6}, [("saved", 1.0, 0.5)]),
 ])
 def test_expert_steps_adds_a_later_run_to_the_stored_record(stored, new, saved, arms):
     merged = expert_steps.merge_record(stored, new, "f.json")
     assert merged["saved"] == saved
-    assert [(a["start"], a["chunks"][0]["val"]) for a in merged["arms"]] == arms
+    assert [(a["start"], a["lr_scale"], a["chunks"][0]["val"]) for a in merged["arms"]] == arms
 
 
-def test_expert_steps_refuses_to_merge_another_model_under_the_same_name():
-    with pytest.raises(ValueError, match=r"f.json: the stored record scores val_on 0.700000.*another model"):
-        expert_steps.merge_record(_record({"val_on": 0.7}), _record({"val_on": 0.71}), "f.json")
+@pytest.mark.parametrize("stored, new, error", [
+    (_record({"val_on": 0.7}), _record({"val_on": 0.71}), r"stored record scores val_on 0.700000.*another model"),
+    (_record({"val_on": 0.7}), _record({"test_on": 0.6}), r"no split in common"),
+])
+def test_expert_steps_refuses_a_record_it_cannot_tell_is_the_same_model(stored, new, error):
+    with pytest.raises(ValueError, match=rf"f.json: .*{error}"):
+        expert_steps.merge_record(stored, new, "f.json")
+
+
+def test_expert_steps_main_run_twice_on_one_model_keeps_both_runs(recorded, tmp_path):
+    tmp, _, row = recorded
+    model = str(_site_model(recorded, sorted(row["per_site"])[0]))
+    for arm in ("fresh,1e-9,1", "fresh,1/2,1"):
+        expert_steps.main(["--model", model, "--data-root", str(tmp / "data"), "--out", str(tmp_path), "--arm", arm])
+    (record,) = json.loads((tmp_path / "expert_steps.json").read_text()).values()
+    assert [a["lr_scale"] for a in record["arms"]] == [1e-9, 0.5]
 
 
 @pytest.mark.parametrize("arm, error", [
