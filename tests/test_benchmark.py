@@ -187,7 +187,7 @@ def test_main_table_uses_the_chosen_setting_and_seeds():
     runs["fedavg|none|seed0|lr=1"] = _run([0.3], [0.3])
     results = _results(runs, {"pfedsam": {"tag": "lr=3", "setting": {"lr": 3.0}}})
     lines = bench.main_table(results)[2:]
-    assert lines[0].startswith("| fedavg | lr=1 (untuned) | 1 | 0.300 | 0.300 | **0.300 +- 0.000**")
+    assert lines[0].startswith("| fedavg | lr=1 (untuned) | 1 | 0.300 | 0.300 | **0.300** |")
     m, sd = np.mean([0.5, 0.6, 0.7]), np.std([0.5, 0.6, 0.7], ddof=1)
     assert lines[1].startswith(f"| pfedsam | lr=3 | 3 | {m:.3f} +- {sd:.3f} | {m:.3f} +- {sd:.3f} | "
                                f"**{m:.3f} +- {sd:.3f}**")
