@@ -72,7 +72,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import federate  # noqa: E402
 from latency import cpu_name  # noqa: E402
-from stats import interval_text, mean_std, paired_difference, verdict  # noqa: E402
+from stats import interval_text, mean_std_text, paired_difference, verdict  # noqa: E402
 
 from pfedsam.config import PFedSAMConfig, load_config  # noqa: E402
 from pfedsam.data import discover_sites, load_split  # noqa: E402
@@ -783,11 +783,8 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
         if not runs:
             continue
         setting, tuned = chosen_setting(results, method)
-        cells = []
-        for s in sites:
-            m, sd = mean_std([r["per_site"][s]["dice"] for r in runs])
-            cells.append(f"{m:.3f} +- {sd:.3f}" if len(runs) > 1 else f"{m:.3f}")  # one seed has no spread
-        mean = mean_std([_site_mean(r, "dice", sites) for r in runs])
+        cells = [mean_std_text([r["per_site"][s]["dice"] for r in runs]) for s in sites]
+        mean = mean_std_text([_site_mean(r, "dice", sites) for r in runs])
         other = [float(np.nanmean([_site_mean(r, k, sites) for r in runs])) for k in ("dice_fg", "empty_fp", "hd95")]
         glob = [_site_mean(r, "dice", sites, "global") for r in runs if all(r["per_site"][s].get("global")
                                                                              for s in sites)]
@@ -797,8 +794,7 @@ def main_table(results: dict, prompt: str = "none") -> list[str]:
             " (untuned)" if not tuned else f" (search open: lr={pending:g} to run)" if pending else "") + (
             f" (searched with {record['searched_with']})" if record and record.get("searched_with") else "")
         lines.append(f"| {method} | {label} | {len(runs)} | " + " | ".join(cells)
-                     + f" | **{mean[0]:.3f}{f' +- {mean[1]:.3f}' if len(runs) > 1 else ''}** | {other[0]:.3f} | "
-                     + f"{_fmt(other[1], '.3f')} | "
+                     + f" | **{mean}** | {other[0]:.3f} | {_fmt(other[1], '.3f')} | "
                      + f"{other[2]:.1f} | {_fmt(float(np.mean(glob)) if glob else None, '.3f')} |")
     return lines
 

@@ -54,10 +54,11 @@ def paired_difference(
             "n_images": int(sum(d.size for d in diffs)), "n_boot": n_boot}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std_text(values: list[float]) -> str:
+    """``0.653 +- 0.004``: mean and sample standard deviation over seeds, as every table prints them; one
+    value has no spread, so it prints as its mean alone (a "+- 0.000" would claim seeds that agree)."""
     arr = np.asarray(values, np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return f"{arr.mean():.3f} +- {arr.std(ddof=1):.3f}" if arr.size > 1 else f"{arr.mean():.3f}"
 
 
 def interval_text(interval: Mapping[str, float]) -> str:

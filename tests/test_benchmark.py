@@ -64,6 +64,15 @@ def test_verdict(interval, reading):
     assert stats.verdict(interval) == reading
 
 
+@pytest.mark.parametrize("values,text", [
+    ([0.5, 0.6, 0.7], "0.600 +- 0.100"),
+    ([0.3], "0.300"),  # one seed: no spread to print
+    ([0.25, 0.25], "0.250 +- 0.000"),  # two seeds that agree do have one
+])
+def test_mean_std_text(values, text):
+    assert stats.mean_std_text(values) == text
+
+
 def test_paired_difference_refuses_unpaired_scores():
     with pytest.raises(ValueError, match="same images"):
         stats.paired_difference({"x": [[0.5, 0.6]]}, {"x": [[0.5]]})
